@@ -1,0 +1,229 @@
+"""AdaDecode's settings: fields, defaults, and validation with clear messages.
+
+A user switches AdaDecode on through vLLM's speculative config, e.g.::
+
+    LLM(model, speculative_config={"method": "adadecode", "threshold": 0.8})
+    vllm serve MODEL --speculative-config '{"method": "adadecode", "exit_layers": [12, 20]}'
+    vllm serve MODEL --spec-model HEADS_DIR            # an AdaDecode heads folder
+
+and may also pass settings through ``--additional-config '{"adadecode": {...}}'``.
+Keys given in the speculative config win over the additional config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+METHOD = "adadecode"
+
+# Paper defaults (arXiv 2506.03700): threshold 0.75, at most 5 early tokens.
+DEFAULT_THRESHOLD = 0.75
+DEFAULT_NUM_SPECULATIVE_TOKENS = 5
+
+# Keys AdaDecode owns inside the speculative config (besides vLLM's own below).
+ADADECODE_KEYS = ("exit_layers", "threshold", "heads")
+# vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
+VLLM_KEYS = ("method", "num_speculative_tokens", "model")
+ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
+
+
+class AdaDecodeConfigError(ValueError):
+    """Bad AdaDecode input; the message names the field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaDecodeConfig:
+    """Resolved settings, as the drafter in every worker sees them."""
+
+    exit_layers: tuple[int, ...]
+    """0-based decoder-layer indices whose output may emit a draft token;
+    each in [1, num_hidden_layers - 1], strictly increasing."""
+    threshold: float = DEFAULT_THRESHOLD
+    """A token exits at the first exit layer whose top-1 probability >= threshold."""
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
+    """Maximum draft length per verification step."""
+    heads: str | None = None
+    """Exit-heads folder; None means identity heads (the model's own norm + LM head)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["exit_layers"] = list(self.exit_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdaDecodeConfig":
+        return cls(
+            exit_layers=tuple(d["exit_layers"]),
+            threshold=float(d["threshold"]),
+            num_speculative_tokens=int(d["num_speculative_tokens"]),
+            heads=d.get("heads"),
+        )
+
+
+def default_exit_layers(num_hidden_layers: int) -> tuple[int, ...]:
+    """Quarter, half and three quarters of the depth (the paper's 8/16/24 of 32)."""
+    layers = sorted({max(1, round(num_hidden_layers * q)) for q in (0.25, 0.5, 0.75)})
+    return tuple(x for x in layers if 1 <= x < num_hidden_layers)
+
+
+def validate_threshold(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdaDecodeConfigError(
+            f"adadecode 'threshold' must be a number in (0, 1], got {value!r}"
+        )
+    if not 0.0 < float(value) <= 1.0:
+        raise AdaDecodeConfigError(
+            f"adadecode 'threshold' must be in (0, 1], got {value!r}"
+        )
+    return float(value)
+
+
+def validate_exit_layers(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
+    allowed = f"integers in [1, {num_hidden_layers - 1}] in strictly increasing order"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise AdaDecodeConfigError(
+            f"adadecode 'exit_layers' must be a list of {allowed}, got {value!r}"
+        )
+    layers = list(value)
+    if not layers:
+        raise AdaDecodeConfigError(f"adadecode 'exit_layers' is empty; give {allowed}")
+    for x in layers:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise AdaDecodeConfigError(
+                f"adadecode 'exit_layers' must hold {allowed}, got {x!r} in {layers}"
+            )
+        if not 1 <= x < num_hidden_layers:
+            raise AdaDecodeConfigError(
+                f"adadecode 'exit_layers' entry {x} is out of range: the model has "
+                f"{num_hidden_layers} layers, so exit layers must be {allowed}"
+            )
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise AdaDecodeConfigError(
+            f"adadecode 'exit_layers' must be strictly increasing, got {layers}"
+        )
+    return tuple(layers)
+
+
+def validate_num_speculative_tokens(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdaDecodeConfigError(
+            f"adadecode 'num_speculative_tokens' must be an integer >= 1, got {value!r}"
+        )
+    return value
+
+
+def is_heads_dir(path: Any) -> bool:
+    """True when ``path`` is a folder whose config.json names the exit-heads format."""
+    from .heads import HEADS_FORMAT
+
+    if not isinstance(path, str):
+        return False
+    cfg = Path(path).expanduser() / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("format") == HEADS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_adadecode_request(spec: dict[str, Any] | None) -> bool:
+    """Does a raw speculative-config dict ask for AdaDecode?"""
+    if not spec:
+        return False
+    if spec.get("method") == METHOD:
+        return True
+    return spec.get("method") in (None, "draft_model") and is_heads_dir(spec.get("model"))
+
+
+def resolve(
+    spec: dict[str, Any],
+    additional: dict[str, Any] | None,
+    *,
+    model_dir: str,
+    num_hidden_layers: int,
+    hidden_size: int,
+) -> AdaDecodeConfig:
+    """Turn the user's raw settings into a validated AdaDecodeConfig.
+
+    ``spec`` is the speculative-config dict (keys already normalised to
+    snake_case); ``additional`` is ``additional_config.get("adadecode")``.
+    Raises AdaDecodeConfigError naming the field and the allowed values.
+    """
+    from .heads import ExitHeads, shipped_heads_for
+
+    unknown = sorted(set(spec) - set(ALLOWED_KEYS))
+    if unknown:
+        raise AdaDecodeConfigError(
+            f"unknown adadecode setting(s) {unknown} in the speculative config; "
+            f"allowed keys: {list(ALLOWED_KEYS)}"
+        )
+    extra = dict(additional or {})
+    if not isinstance(additional or {}, dict):
+        raise AdaDecodeConfigError(
+            "additional_config['adadecode'] must be a JSON object with keys "
+            f"{list(ADADECODE_KEYS) + ['num_speculative_tokens']}"
+        )
+    unknown = sorted(set(extra) - set(ADADECODE_KEYS + ("num_speculative_tokens",)))
+    if unknown:
+        raise AdaDecodeConfigError(
+            f"unknown adadecode setting(s) {unknown} in additional_config['adadecode']; "
+            f"allowed keys: {list(ADADECODE_KEYS) + ['num_speculative_tokens']}"
+        )
+    merged = {**extra, **{k: v for k, v in spec.items() if k != "method"}}
+
+    heads_path = merged.pop("heads", None)
+    model_path = merged.pop("model", None)
+    if heads_path is not None and model_path is not None and heads_path != model_path:
+        raise AdaDecodeConfigError(
+            "give the adadecode heads folder once: 'model' and 'heads' disagree "
+            f"({model_path!r} vs {heads_path!r})"
+        )
+    heads_path = heads_path if heads_path is not None else model_path
+
+    heads = None
+    if heads_path is not None:
+        if not isinstance(heads_path, str):
+            raise AdaDecodeConfigError(
+                f"adadecode 'heads' must be a path to an exit-heads folder, got {heads_path!r}"
+            )
+        heads = ExitHeads.load(heads_path)  # raises AdaDecodeConfigError when bad
+        heads.check_base_model(model_dir, hidden_size=hidden_size)
+        heads_path = str(Path(heads_path).expanduser().resolve())
+    else:
+        shipped = shipped_heads_for(model_dir, hidden_size=hidden_size)
+        if shipped is not None:
+            heads, heads_path = shipped
+
+    if "exit_layers" in merged:
+        exit_layers = validate_exit_layers(merged.pop("exit_layers"), num_hidden_layers)
+    elif heads is not None:
+        exit_layers = validate_exit_layers(heads.exit_layers, num_hidden_layers)
+    else:
+        exit_layers = default_exit_layers(num_hidden_layers)
+    if heads is not None:
+        missing = [x for x in exit_layers if x not in heads.exit_layers]
+        if missing:
+            raise AdaDecodeConfigError(
+                f"adadecode 'exit_layers' {list(exit_layers)}: the heads folder "
+                f"{heads_path} has no head for layer(s) {missing}; it has heads for "
+                f"{list(heads.exit_layers)}"
+            )
+
+    if "threshold" in merged:
+        threshold = validate_threshold(merged.pop("threshold"))
+    elif heads is not None:
+        threshold = validate_threshold(heads.threshold)
+    else:
+        threshold = DEFAULT_THRESHOLD
+
+    num_spec = merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
+    num_spec = validate_num_speculative_tokens(num_spec)
+    assert not merged, merged
+    return AdaDecodeConfig(
+        exit_layers=exit_layers,
+        threshold=threshold,
+        num_speculative_tokens=num_spec,
+        heads=heads_path,
+    )

@@ -1,0 +1,231 @@
+"""Exit heads: the learned d x d matrices T_i, their folder format, and the
+base-model fingerprint that ties a heads folder to the model it was trained on.
+
+An exit head at layer i maps that layer's residual-stream state h to
+``lm_head(final_norm(T_i h))``: T_i is the only trained part; the model's own
+final norm and LM head are reused, frozen. With no training, T_i = I (logit lens).
+
+Folder format (``HEADS_FORMAT``)::
+
+    HEADS_DIR/config.json        {"format": ..., "base_model_fingerprint": ...,
+                                  "hidden_size": d, "exit_layers": [...],
+                                  "threshold": 0.75, ...}
+    HEADS_DIR/exit_heads.safetensors   "exit_heads.<layer>.transform": [d, d]
+
+Loading reads safetensors only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import AdaDecodeConfigError
+
+HEADS_FORMAT = "vllm-adadecode-exit-heads"
+HEADS_FORMAT_VERSION = 1
+WEIGHTS_FILE = "exit_heads.safetensors"
+SHIPPED_DIR = Path(__file__).parent / "shipped_heads"
+
+_FINGERPRINT_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+_FINGERPRINT_TENSORS = ("model.norm.weight", "model.embed_tokens.weight")
+
+
+def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg.get("text_config", cfg)
+
+
+def base_model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A short hash identifying a base model's architecture and weights.
+
+    Hashes the architecture fields of config.json and, bf16-rounded so the
+    model's storage dtype does not matter, the final norm weight and the
+    first rows of the token embedding read straight from the safetensors files.
+    """
+    model_dir = Path(model_dir)
+    cfg = _text_config(json.loads((model_dir / "config.json").read_text()))
+    h = hashlib.sha256()
+    h.update(json.dumps({k: cfg.get(k) for k in _FINGERPRINT_CONFIG_KEYS}).encode())
+    from safetensors import safe_open
+
+    found = set()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in _FINGERPRINT_TENSORS:
+                if name in found or name not in st.keys():
+                    continue
+                sl = st.get_slice(name)
+                t = sl[:16] if len(sl.get_shape()) == 2 else sl[:]
+                h.update(name.encode())
+                h.update(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+                found.add(name)
+    return "sha256:" + h.hexdigest()[:32]
+
+
+class ExitHeads:
+    """The T_i matrices of one base model, keyed by 0-based exit layer."""
+
+    def __init__(
+        self,
+        transforms: dict[int, torch.Tensor],
+        *,
+        hidden_size: int,
+        threshold: float = 0.75,
+        base_model_fingerprint: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self.transforms = {int(k): v for k, v in sorted(transforms.items())}
+        self.hidden_size = hidden_size
+        self.threshold = threshold
+        self.base_model_fingerprint = base_model_fingerprint
+        self.metadata = dict(metadata or {})
+        for layer, t in self.transforms.items():
+            if tuple(t.shape) != (hidden_size, hidden_size):
+                raise AdaDecodeConfigError(
+                    f"exit head for layer {layer} has shape {tuple(t.shape)}, "
+                    f"expected ({hidden_size}, {hidden_size})"
+                )
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.transforms)
+
+    @classmethod
+    def identity(cls, exit_layers, hidden_size: int, **kw) -> "ExitHeads":
+        return cls(
+            {x: torch.eye(hidden_size) for x in exit_layers}, hidden_size=hidden_size, **kw
+        )
+
+    def is_identity(self, layer: int) -> bool:
+        t = self.transforms[layer]
+        return bool(torch.equal(t, torch.eye(self.hidden_size, dtype=t.dtype)))
+
+    # ---- folder I/O -------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"exit_heads.{layer}.transform": t.detach().to(torch.float32).contiguous()
+            for layer, t in self.transforms.items()
+        }
+        tmp = out / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": HEADS_FORMAT})
+        os.replace(tmp, out / WEIGHTS_FILE)
+        cfg = {
+            "format": HEADS_FORMAT,
+            "format_version": HEADS_FORMAT_VERSION,
+            "base_model_fingerprint": self.base_model_fingerprint,
+            "hidden_size": self.hidden_size,
+            "exit_layers": self.exit_layers,
+            "threshold": self.threshold,
+            **{k: v for k, v in self.metadata.items() if k not in _RESERVED},
+        }
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, heads_dir: str | os.PathLike) -> "ExitHeads":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = Path(heads_dir).expanduser()
+        where = f"adadecode heads folder {str(d)!r}"
+        if not d.is_dir():
+            raise AdaDecodeConfigError(f"{where} does not exist or is not a folder")
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except FileNotFoundError:
+            raise AdaDecodeConfigError(f"{where} has no config.json") from None
+        except ValueError as e:
+            raise AdaDecodeConfigError(f"{where}: config.json is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != HEADS_FORMAT:
+            raise AdaDecodeConfigError(
+                f"{where}: config.json 'format' must be {HEADS_FORMAT!r}, "
+                f"got {cfg.get('format') if isinstance(cfg, dict) else cfg!r}"
+            )
+        if cfg.get("format_version") != HEADS_FORMAT_VERSION:
+            raise AdaDecodeConfigError(
+                f"{where}: 'format_version' must be {HEADS_FORMAT_VERSION}, "
+                f"got {cfg.get('format_version')!r}"
+            )
+        for key in ("hidden_size", "exit_layers", "threshold", "base_model_fingerprint"):
+            if key not in cfg:
+                raise AdaDecodeConfigError(f"{where}: config.json lacks {key!r}")
+        try:
+            tensors = load_file(str(d / WEIGHTS_FILE))
+        except FileNotFoundError:
+            raise AdaDecodeConfigError(f"{where} has no {WEIGHTS_FILE}") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} is corrupt ({e})") from None
+        transforms = {}
+        for layer in cfg["exit_layers"]:
+            key = f"exit_heads.{layer}.transform"
+            if key not in tensors:
+                raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} lacks tensor {key!r}")
+            transforms[int(layer)] = tensors[key]
+        return cls(
+            transforms,
+            hidden_size=int(cfg["hidden_size"]),
+            threshold=float(cfg["threshold"]),
+            base_model_fingerprint=cfg["base_model_fingerprint"],
+            metadata={k: v for k, v in cfg.items() if k not in _RESERVED},
+        )
+
+    def check_base_model(self, model_dir: str | os.PathLike, *, hidden_size: int) -> None:
+        """Refuse heads trained for another model (hidden size or fingerprint)."""
+        if self.hidden_size != hidden_size:
+            raise AdaDecodeConfigError(
+                f"adadecode heads are for hidden size {self.hidden_size}, but the served "
+                f"model has hidden size {hidden_size}: these heads belong to another model"
+            )
+        if Path(model_dir).is_dir():
+            fp = base_model_fingerprint(model_dir)
+            if self.base_model_fingerprint != fp:
+                raise AdaDecodeConfigError(
+                    f"adadecode heads were trained for base model fingerprint "
+                    f"{self.base_model_fingerprint}, but the served model {str(model_dir)!r} "
+                    f"has fingerprint {fp}: these heads belong to another model"
+                )
+
+
+_RESERVED = {
+    "format",
+    "format_version",
+    "base_model_fingerprint",
+    "hidden_size",
+    "exit_layers",
+    "threshold",
+}
+
+
+def shipped_heads_for(model_dir: str, *, hidden_size: int):
+    """The packaged heads whose fingerprint matches ``model_dir``, as (heads, path)."""
+    if not SHIPPED_DIR.is_dir() or not Path(model_dir).is_dir():
+        return None
+    fp = None
+    for cfg_file in sorted(SHIPPED_DIR.glob("*/config.json")):
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except ValueError:
+            continue
+        if cfg.get("hidden_size") != hidden_size:
+            continue
+        fp = fp or base_model_fingerprint(model_dir)
+        if cfg.get("base_model_fingerprint") == fp:
+            return ExitHeads.load(cfg_file.parent), str(cfg_file.parent)
+    return None

