@@ -11,6 +11,9 @@ the engine was configured for AdaDecode:
   positions, because the drafter writes KV into the target's own blocks.
 * ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it): hands
   the runner to the drafter, which needs its block tables and attention backends.
+* ``vllm.v1.sample.rejection_sampler.rejection_sample`` (AdaDecode workers only):
+  verification becomes vllm_adadecode.verifier.exact_match. Sampled requests
+  never carry drafts, so they just emit vLLM's sampled bonus token.
 
 The adapters below (RunnerBatch, decoder_layers, embed, final_norm,
 compute_logits) are the only places the drafter reaches into vLLM objects.
@@ -150,6 +153,56 @@ def install_runner_hooks() -> None:
 
     propose_draft_token_ids._adadecode = True
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+    _install_exact_match_verifier()
+
+
+def _install_exact_match_verifier() -> None:
+    import vllm.v1.sample.rejection_sampler as rs
+
+    if getattr(rs.rejection_sample, "_adadecode", False):
+        return
+    standard = rs.rejection_sample
+
+    def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                         draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                         *args, **kwargs):
+        from .verifier import exact_match
+
+        if not sampling_metadata.all_greedy and not _drafts_all_greedy(
+            cu_num_draft_tokens, sampling_metadata, rs.GREEDY_TEMPERATURE
+        ):
+            # Drafts for a sampled request (AdaDecode drafts none): vLLM's
+            # lossless standard verification.
+            return standard(draft_token_ids, num_draft_tokens, max_spec_len,
+                            cu_num_draft_tokens, draft_probs, target_logits,
+                            bonus_token_ids, sampling_metadata, *args, **kwargs)
+        return exact_match(draft_token_ids, num_draft_tokens, target_logits.argmax(dim=-1),
+                           bonus_token_ids, max_spec_len)
+
+    rejection_sample._adadecode = True
+    rs.rejection_sample = rejection_sample
+
+    constrain = rs.apply_sampling_constraints
+
+    def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+        # Target logits only has rows for drafted positions. When every drafted
+        # request is greedy, temperature/top-k/top-p do not apply to any row
+        # (vLLM 0.32 on CPU mangled greedy rows here in mixed batches).
+        if sampling_metadata.all_greedy or _drafts_all_greedy(
+            cu_num_draft_tokens, sampling_metadata, rs.GREEDY_TEMPERATURE
+        ):
+            return logits
+        return constrain(logits, cu_num_draft_tokens, sampling_metadata)
+
+    apply_sampling_constraints._adadecode = True
+    rs.apply_sampling_constraints = apply_sampling_constraints
+
+
+def _drafts_all_greedy(cu_num_draft_tokens, sampling_metadata, greedy_temperature) -> bool:
+    cu = cu_num_draft_tokens.cpu()
+    counts = torch.diff(cu, prepend=torch.zeros(1, dtype=cu.dtype))
+    greedy = (sampling_metadata.temperature == greedy_temperature).cpu()
+    return bool(((counts == 0) | greedy).all())
 
 
 # ---------------------------------------------------------------------------

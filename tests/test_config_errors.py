@@ -1,0 +1,147 @@
+"""Bad AdaDecode input stops engine start with a message naming the field.
+
+Each case goes through the real ``vllm.LLM`` constructor: the settings are
+validated while vLLM builds its config, before any engine process starts.
+"""
+
+import json
+
+import pytest
+
+from vllm_adadecode.config import AdaDecodeConfigError
+from vllm_adadecode.heads import ExitHeads, base_model_fingerprint
+
+
+def _start(model, spec, **kw):
+    from vllm import LLM
+
+    return LLM(model=model, dtype="float32", enforce_eager=True, speculative_config=spec, **kw)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"exit_layer": [2]}, r"unknown adadecode setting\(s\) \['exit_layer'\].*allowed keys"),
+        ({"threshold": 0}, r"'threshold' must be in \(0, 1\]"),
+        ({"threshold": 1.5}, r"'threshold' must be in \(0, 1\]"),
+        ({"threshold": "high"}, r"'threshold' must be a number in \(0, 1\]"),
+        ({"exit_layers": [0, 3]}, r"'exit_layers' entry 0 is out of range.*\[1, 5\]"),
+        ({"exit_layers": [2, 6]}, r"'exit_layers' entry 6 is out of range.*6 layers"),
+        ({"exit_layers": [3, 2]}, r"'exit_layers' must be strictly increasing"),
+        ({"exit_layers": [2, 2]}, r"'exit_layers' must be strictly increasing"),
+        ({"num_speculative_tokens": 0}, r"'num_speculative_tokens' must be an integer >= 1"),
+    ],
+)
+def test_bad_setting_fails_at_engine_start(tiny_llama, spec, message):
+    with pytest.raises(AdaDecodeConfigError, match=message):
+        _start(tiny_llama, {"method": "adadecode", **spec})
+
+
+def test_bad_setting_in_additional_config(tiny_llama):
+    from vllm import LLM
+
+    with pytest.raises(AdaDecodeConfigError, match=r"additional_config\['adadecode'\]"):
+        LLM(model=tiny_llama, speculative_config={"method": "adadecode"},
+            additional_config={"adadecode": {"threshhold": 0.5}})
+
+
+def test_missing_heads_folder(tiny_llama, tmp_path):
+    with pytest.raises(AdaDecodeConfigError, match="does not exist"):
+        _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path / "missing")})
+
+
+def test_corrupt_heads_folder(tiny_llama, tmp_path):
+    ExitHeads.identity([2], 256, base_model_fingerprint=base_model_fingerprint(tiny_llama)).save(
+        tmp_path
+    )
+    (tmp_path / "exit_heads.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(AdaDecodeConfigError, match="corrupt"):
+        _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path)})
+
+
+def test_heads_of_another_model_fingerprint(tiny_llama, smollm2, tmp_path):
+    # right hidden size, wrong weights
+    ExitHeads.identity([2], 256, base_model_fingerprint=base_model_fingerprint(smollm2)).save(
+        tmp_path
+    )
+    with pytest.raises(AdaDecodeConfigError, match="fingerprint.*another model"):
+        _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path)})
+
+
+def test_heads_of_another_model_hidden_size(tiny_llama, smollm2, tmp_path):
+    ExitHeads.identity([2], 576, base_model_fingerprint=base_model_fingerprint(smollm2)).save(
+        tmp_path
+    )
+    with pytest.raises(AdaDecodeConfigError, match="hidden size 576.*hidden size 256"):
+        _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path)})
+
+
+def test_exit_layer_without_a_head(tiny_llama, tmp_path):
+    ExitHeads.identity([2], 256, base_model_fingerprint=base_model_fingerprint(tiny_llama)).save(
+        tmp_path
+    )
+    with pytest.raises(AdaDecodeConfigError, match=r"no head for layer\(s\) \[4\]"):
+        _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path), "exit_layers": [2, 4]})
+
+
+def test_unsupported_vllm_version_is_refused():
+    from vllm_adadecode.patches import UnsupportedVLLMVersion, check_vllm_version
+
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.32.0+cpu")
+    with pytest.raises(UnsupportedVLLMVersion, match=r"written for vLLM 0\.32\.0 exactly.*0\.33\.0"):
+        check_vllm_version("0.33.0")
+
+
+def test_register_is_idempotent_and_passive():
+    """register() twice installs each hook once; without AdaDecode vLLM's own
+    speculative config comes through unchanged."""
+    import vllm_adadecode
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm_adadecode.register()
+    hook = EngineArgs.create_speculative_config
+    prop = VllmConfig.__dict__["num_lookahead_tokens"]
+    vllm_adadecode.register()
+    import vllm_adadecode.patches as p
+
+    p.install_engine_hooks()
+    assert EngineArgs.create_speculative_config is hook
+    assert VllmConfig.__dict__["num_lookahead_tokens"] is prop
+    assert getattr(hook, "_adadecode", False)
+
+
+def test_ngram_config_passes_through_untouched(tiny_llama):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=tiny_llama, speculative_config={"method": "ngram",
+                      "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    cfg = args.create_engine_config()
+    assert cfg.speculative_config.method == "ngram"
+    assert "adadecode" not in (cfg.additional_config or {})
+    assert cfg.num_lookahead_tokens == 0
+
+
+def test_adadecode_resolves_into_vllm_config(tiny_llama):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=tiny_llama, speculative_config={"method": "adadecode",
+                      "exit_layers": [1, 3], "threshold": 0.5, "num_speculative_tokens": 4})
+    cfg = args.create_engine_config()
+    assert cfg.speculative_config.method == "custom_class"
+    assert cfg.additional_config["adadecode"] == {
+        "exit_layers": [1, 3], "threshold": 0.5, "num_speculative_tokens": 4, "heads": None}
+    assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
+
+
+def test_spec_model_heads_folder_means_adadecode(tiny_llama, tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    ExitHeads.identity([2, 4], 256, threshold=0.3,
+                       base_model_fingerprint=base_model_fingerprint(tiny_llama)).save(tmp_path)
+    cfg = EngineArgs(model=tiny_llama, spec_model=str(tmp_path)).create_engine_config()
+    ada = cfg.additional_config["adadecode"]
+    assert ada["exit_layers"] == [2, 4] and ada["threshold"] == 0.3
+    assert ada["heads"] == str(tmp_path.resolve())
+    assert json.loads((tmp_path / "config.json").read_text())["exit_layers"] == [2, 4]

@@ -1,0 +1,72 @@
+"""Heads folder format: save/load, safety, fingerprint (no engine)."""
+
+import json
+
+import pytest
+import torch
+
+from vllm_adadecode.config import AdaDecodeConfigError
+from vllm_adadecode.heads import HEADS_FORMAT, WEIGHTS_FILE, ExitHeads, base_model_fingerprint
+
+
+def _heads(d=8, layers=(1, 3)):
+    g = torch.Generator().manual_seed(0)
+    return ExitHeads(
+        {x: torch.randn(d, d, generator=g) for x in layers},
+        hidden_size=d,
+        threshold=0.6,
+        base_model_fingerprint="sha256:test",
+    )
+
+
+def test_save_load_bit_identical(tmp_path):
+    h = _heads()
+    h.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["format"] == HEADS_FORMAT
+    assert cfg["exit_layers"] == [1, 3] and cfg["hidden_size"] == 8
+    assert cfg["threshold"] == 0.6 and cfg["base_model_fingerprint"] == "sha256:test"
+    back = ExitHeads.load(tmp_path)
+    for x in (1, 3):
+        assert torch.equal(back.transforms[x], h.transforms[x])
+
+
+def test_weights_file_is_safetensors_not_pickle(tmp_path):
+    _heads().save(tmp_path)
+    raw = (tmp_path / WEIGHTS_FILE).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    assert "exit_heads.1.transform" in header
+    assert not raw.startswith(b"\x80")  # no pickle protocol marker
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "config.json").unlink(), "no config.json"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"format": "other"}'), "'format' must be"),
+        (lambda d: (d / WEIGHTS_FILE).write_bytes(b"garbage" * 10), "corrupt"),
+        (lambda d: (d / WEIGHTS_FILE).unlink(), f"no {WEIGHTS_FILE}"),
+    ],
+)
+def test_damaged_folder_is_refused(tmp_path, damage, message):
+    _heads().save(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(AdaDecodeConfigError, match=message):
+        ExitHeads.load(tmp_path)
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(AdaDecodeConfigError, match="does not exist"):
+        ExitHeads.load(tmp_path / "nope")
+
+
+def test_fingerprint_tracks_weights(tiny_llama, smollm2, tmp_path):
+    a = base_model_fingerprint(tiny_llama)
+    assert a == base_model_fingerprint(tiny_llama)
+    assert a != base_model_fingerprint(smollm2)
+    from tests.conftest import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "other", smollm2, seed=1)
+    assert base_model_fingerprint(other) != a  # same architecture, other weights

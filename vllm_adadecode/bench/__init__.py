@@ -1,0 +1,1 @@
+"""Benchmarking: one engine per subprocess, methods compared within one run."""

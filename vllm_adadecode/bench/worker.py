@@ -1,0 +1,188 @@
+"""Run one vLLM engine job in this process and write its results as JSON.
+
+    python -m vllm_adadecode.bench.worker JOB.json OUT.json
+
+A job names the model, the speculative config (None for vanilla), the prompts
+(user turns; the model's chat template is applied here), max_tokens and the
+concurrency (vLLM's max_num_seqs). ``run_job`` starts this in a child process
+with the CPU runtime environment, so only one engine exists at a time and it
+is fully gone when the child exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SPEC_METRICS = {
+    "vllm:spec_decode_num_drafts": "num_drafts",
+    "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+    "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_pos",
+}
+
+
+class _PeakRSS:
+    """Peak resident memory of this process tree, sampled every 0.2 s."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for p in [self.proc, *self.proc.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def _counters(llm) -> dict[str, Any]:
+    out: dict[str, Any] = {v: 0 for v in SPEC_METRICS.values()}
+    out["accepted_per_pos"] = []
+    for m in llm.get_metrics():
+        key = SPEC_METRICS.get(m.name)
+        if key is None:
+            continue
+        out[key] = list(m.values) if hasattr(m, "values") else m.value
+    return out
+
+
+def _delta(after: dict, before: dict) -> dict:
+    d = {}
+    for k, v in after.items():
+        if isinstance(v, list):
+            b = before.get(k) or [0] * len(v)
+            d[k] = [x - y for x, y in zip(v, b + [0] * (len(v) - len(b)))]
+        else:
+            d[k] = v - before.get(k, 0)
+    return d
+
+
+def execute(job: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    rss = _PeakRSS()
+    kwargs = dict(
+        model=job["model"],
+        dtype=job.get("dtype", "float32"),
+        max_model_len=job.get("max_model_len", 2048),
+        max_num_seqs=job.get("concurrency", 1),
+        seed=job.get("seed", 0),
+        enforce_eager=job.get("enforce_eager", False),
+        tensor_parallel_size=job.get("tensor_parallel_size", 1),
+        disable_log_stats=False,
+    )
+    if job.get("speculative_config"):
+        kwargs["speculative_config"] = job["speculative_config"]
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup = time.perf_counter() - t0
+    tok = llm.get_tokenizer()
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in job["prompts"]
+    ]
+    max_tokens = job.get("max_tokens", 128)
+    if job.get("sampling"):  # per-prompt SamplingParams fields, e.g. temperature, seed
+        params = [SamplingParams(max_tokens=max_tokens, **s) for s in job["sampling"]]
+    else:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    if job.get("warmup", True):
+        llm.generate(texts[:2], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    before = _counters(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate(texts, params, use_tqdm=job.get("progress", True))
+    elapsed = time.perf_counter() - t0
+    counters = _delta(_counters(llm), before)
+    token_ids = [list(o.outputs[0].token_ids) for o in outs]
+    n_out = sum(len(t) for t in token_ids)
+    result = {
+        "startup_s": startup,
+        "elapsed_s": elapsed,
+        "output_tokens": n_out,
+        "tokens_per_s": n_out / elapsed if elapsed > 0 else 0.0,
+        "token_ids": token_ids,
+        "texts": [o.outputs[0].text for o in outs],
+        "spec": counters,
+        **acceptance_stats(counters, token_ids),
+    }
+    del llm
+    result["peak_rss_mb"] = rss.stop() / 2**20
+    return result
+
+
+def acceptance_stats(counters: dict, token_ids: list[list[int]]) -> dict[str, float]:
+    """Tokens per verification step and acceptance rate from vLLM's counters.
+
+    Each request's first output token comes from its prefill; every later step
+    verifies the drafts it has and emits 1 + (accepted drafts) tokens. So over
+    all requests, steps = decoded tokens - accepted, and mean accepted tokens
+    per verification step = decoded tokens / steps (1.0 without speculation).
+    """
+    decoded = sum(max(0, len(t) - 1) for t in token_ids)
+    accepted = counters.get("num_accepted_tokens", 0)
+    steps = decoded - accepted
+    drafted = counters.get("num_draft_tokens", 0)
+    return {
+        "tokens_per_step": decoded / steps if steps > 0 else 1.0,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+    }
+
+
+def run_job(job: dict[str, Any], *, log_path: str | None = None) -> dict[str, Any]:
+    """Run ``job`` in a fresh child process (one engine at a time)."""
+    from ..cpu_env import runtime_env
+
+    env = runtime_env(tensor_parallel_size=job.get("tensor_parallel_size", 1))
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    with tempfile.TemporaryDirectory() as d:
+        job_file, out_file = Path(d) / "job.json", Path(d) / "out.json"
+        job_file.write_text(json.dumps(job))
+        cmd = [sys.executable, "-m", "vllm_adadecode.bench.worker", str(job_file), str(out_file)]
+        log = open(log_path, "a") if log_path else None
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=log or None, stderr=log or None)
+        finally:
+            if log:
+                log.close()
+        if proc.returncode != 0 or not out_file.exists():
+            where = f"; see {log_path}" if log_path else ""
+            raise RuntimeError(f"engine job failed with exit code {proc.returncode}{where}")
+        return json.loads(out_file.read_text())
+
+
+if __name__ == "__main__":
+    job_path, out_path = sys.argv[1], sys.argv[2]
+    res = execute(json.loads(Path(job_path).read_text()))
+    Path(out_path).write_text(json.dumps(res))
+    sys.stdout.flush()
+    os._exit(0)  # engine teardown threads must not keep the child alive

@@ -1,0 +1,139 @@
+"""The ``vllm-adadecode`` command.
+
+    vllm-adadecode demo        vanilla vLLM vs AdaDecode on packaged prompts
+    vllm-adadecode model-path  print (and build once) the packaged model's folder
+    vllm-adadecode init-heads  write an identity (untrained) exit-heads folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _int_list(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def cmd_model_path(args) -> int:
+    from .models import packaged_model_dir
+
+    print(packaged_model_dir(args.name))
+    return 0
+
+
+def cmd_init_heads(args) -> int:
+    from .heads import ExitHeads, base_model_fingerprint
+    from .models import packaged_model_dir
+
+    model = args.model or str(packaged_model_dir())
+    cfg = json.loads(open(f"{model}/config.json").read())
+    cfg = cfg.get("text_config", cfg)
+    from .config import default_exit_layers, validate_exit_layers
+
+    layers = (
+        validate_exit_layers(args.exit_layers, cfg["num_hidden_layers"])
+        if args.exit_layers
+        else default_exit_layers(cfg["num_hidden_layers"])
+    )
+    heads = ExitHeads.identity(
+        layers,
+        cfg["hidden_size"],
+        threshold=args.threshold,
+        base_model_fingerprint=base_model_fingerprint(model),
+        metadata={"base_model": str(model), "trained": False},
+    )
+    print(heads.save(args.out))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .bench.worker import run_job
+    from .models import packaged_model_dir
+    from .prompts import mixed
+
+    model = args.model or str(packaged_model_dir())
+    prompts = mixed(args.num_prompts)
+    spec = json.loads(args.speculative_config) if args.speculative_config else {}
+    spec.setdefault("method", "adadecode")
+    base = dict(
+        model=model,
+        prompts=[p.text for p in prompts],
+        max_tokens=args.max_tokens,
+        concurrency=args.concurrency,
+        dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
+        seed=0,
+    )
+    print(f"model: {model}")
+    print(f"prompts: {len(prompts)} ({', '.join(p.id for p in prompts)})")
+    print(f"max_tokens={args.max_tokens} concurrency={args.concurrency} dtype={args.dtype}")
+    print(f"adadecode speculative_config: {json.dumps(spec)}\n")
+    results = {}
+    for name, sc in (("vanilla", None), ("adadecode", spec)):
+        print(f"[{name}] starting engine ...", flush=True)
+        results[name] = run_job({**base, "speculative_config": sc}, log_path=args.log)
+        r = results[name]
+        print(f"[{name}] {r['output_tokens']} tokens in {r['elapsed_s']:.2f} s", flush=True)
+    van, ada = results["vanilla"], results["adadecode"]
+    same = sum(a == b for a, b in zip(ada["token_ids"], van["token_ids"]))
+    speedup = ada["tokens_per_s"] / van["tokens_per_s"]
+    print()
+    print(f"{'method':<10} {'tok/s':>8} {'tokens/step':>12} {'accept rate':>12}")
+    for name, r in results.items():
+        print(
+            f"{name:<10} {r['tokens_per_s']:>8.2f} {r['tokens_per_step']:>12.2f} "
+            f"{r['acceptance_rate']:>12.2f}"
+        )
+    print(f"\nspeedup (adadecode / vanilla tokens/s): {speedup:.2f}x")
+    print(f"mean accepted tokens per verification step: {ada['tokens_per_step']:.2f}")
+    print(f"outputs token-for-token identical to vanilla: {same}/{len(prompts)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"speedup": speedup, "identical": same, "results": results}, f, indent=1)
+    return 0 if same == len(prompts) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-adadecode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="vanilla vLLM vs AdaDecode on packaged prompts")
+    d.add_argument("--model", help="HF model folder (default: packaged SmolLM2-135M-Instruct)")
+    d.add_argument("--num-prompts", type=int, default=8)
+    d.add_argument("--max-tokens", type=int, default=128)
+    d.add_argument("--concurrency", type=int, default=1)
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--enforce-eager", action="store_true")
+    d.add_argument("--speculative-config", help="JSON; method defaults to adadecode")
+    d.add_argument("--out", help="write all results as JSON")
+    d.add_argument("--log", help="append engine logs here instead of the terminal")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("model-path", help="print the packaged model's local HF folder")
+    m.add_argument("--name", default="SmolLM2-135M-Instruct")
+    m.set_defaults(func=cmd_model_path)
+
+    h = sub.add_parser("init-heads", help="write identity (untrained) exit heads")
+    h.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
+    h.add_argument("--out", required=True)
+    h.add_argument("--exit-layers", type=_int_list)
+    h.add_argument("--threshold", type=float, default=0.75)
+    h.set_defaults(func=cmd_init_heads)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .cpu_env import reexec_with_runtime_env
+
+        reexec_with_runtime_env(["-m", "vllm_adadecode.cli", *argv])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Exact-match verification: keep a draft only where the full model agrees.
+
+For each request, drafted tokens are compared with the full model's greedy
+token at the same position. The longest agreeing prefix is kept; at the first
+disagreement the full model's token is emitted instead and the rest is
+dropped; when every draft agrees, the full model's next (bonus) token follows.
+The output is therefore exactly what greedy decoding without speculation
+produces. Requests without drafts emit their bonus token, sampled as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+PLACEHOLDER_TOKEN_ID = -1  # vLLM's marker for "no token in this slot"
+
+
+def accepted_lengths(draft: torch.Tensor, target: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Leading agreements per row of padded [B, S] drafts/targets, capped by lengths."""
+    S = draft.shape[1]
+    valid = torch.arange(S).unsqueeze(0) < lengths.unsqueeze(1)
+    agree = (draft == target) & valid
+    return agree.to(torch.int32).cumprod(dim=1).sum(dim=1)
+
+
+def exact_match(
+    draft_token_ids: torch.Tensor,  # [num_draft_tokens], flattened over requests
+    num_draft_tokens: Sequence[int],  # per request
+    target_token_ids: torch.Tensor,  # [num_draft_tokens]: full model's greedy token
+    bonus_token_ids: torch.Tensor,  # [B, 1]: the token after the last draft
+    max_spec_len: int,
+) -> torch.Tensor:
+    """Tokens to emit per request, [B, max_spec_len + 1], padded with -1."""
+    B = len(num_draft_tokens)
+    out = torch.full((B, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
+    lengths = torch.as_tensor(list(num_draft_tokens), dtype=torch.int64)
+    if B == 0:
+        return out
+    S = max(1, max_spec_len)
+    draft = torch.full((B, S), PLACEHOLDER_TOKEN_ID, dtype=torch.int64)
+    target = torch.full((B, S), PLACEHOLDER_TOKEN_ID, dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(B), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    cols = torch.arange(len(rows)) - starts[rows]
+    draft[rows, cols] = draft_token_ids.to(torch.int64).cpu()
+    target[rows, cols] = target_token_ids.to(torch.int64).cpu()
+    accepted = accepted_lengths(draft, target, lengths)
+    bonus = bonus_token_ids.reshape(B).to(torch.int64).cpu()
+    for i in range(B):
+        a, d = int(accepted[i]), int(lengths[i])
+        if a < d:  # accepted drafts, then the full model's token at the mismatch
+            out[i, : a + 1] = target[i, : a + 1].to(torch.int32)
+        else:  # every draft accepted: then the bonus token
+            out[i, :d] = target[i, :d].to(torch.int32)
+            out[i, d] = int(bonus[i])
+    return out.to(bonus_token_ids.device)
