@@ -78,4 +78,12 @@ def repair_vllm_metadata() -> str:
 
 
 if __name__ == "__main__":
-    print(repair_vllm_metadata())
+    import shlex
+
+    if sys.argv[1:] == ["--print-env"]:  # for shell scripts: eval "$(... --print-env)"
+        tp = int(os.environ.get("TENSOR_PARALLEL_SIZE", "1"))
+        for k, v in runtime_env(tensor_parallel_size=tp).items():
+            if k == "LD_PRELOAD" or k.startswith("VLLM_CPU_"):
+                print(f"export {k}={shlex.quote(v)}")
+    else:
+        print(repair_vllm_metadata())
