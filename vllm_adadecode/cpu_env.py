@@ -28,8 +28,12 @@ def iomp_library() -> str | None:
 def runtime_env(base: dict[str, str] | None = None, *, tensor_parallel_size: int = 1) -> dict:
     env = dict(os.environ if base is None else base)
     iomp = iomp_library()
-    if iomp and iomp not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = ":".join(x for x in (iomp, env.get("LD_PRELOAD")) if x)
+    if iomp:
+        # vLLM adds PyTorch's libgomp to LD_PRELOAD of a process that imported
+        # it; the two OpenMP runtimes must not be preloaded together.
+        kept = [x for x in env.get("LD_PRELOAD", "").split(":")
+                if x and "libgomp" not in x and x != iomp]
+        env["LD_PRELOAD"] = ":".join([iomp, *kept])
     ncpu = os.cpu_count() or 1
     if tensor_parallel_size > 1:
         per = max(1, ncpu // tensor_parallel_size)

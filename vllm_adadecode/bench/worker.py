@@ -131,6 +131,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         "output_tokens": n_out,
         "tokens_per_s": n_out / elapsed if elapsed > 0 else 0.0,
         "token_ids": token_ids,
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outs] if job.get(
+            "return_prompt_ids") else None,
         "texts": [o.outputs[0].text for o in outs],
         "spec": counters,
         **acceptance_stats(counters, token_ids),

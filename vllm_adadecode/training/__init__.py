@@ -1,0 +1,1 @@
+"""Exit-head training and evaluation by self-distillation (base model frozen)."""

@@ -1,0 +1,109 @@
+"""Self-distillation data: the model's own greedy responses and its hidden states.
+
+1. ``generate``: the target model writes greedy responses to training prompts
+   with vLLM (one engine, in a child process).
+2. ``collect_features``: a Hugging Face forward pass over prompt + response keeps,
+   for every response position, the residual-stream state after each candidate
+   exit layer and the final (normed) hidden state. Vocab-sized distributions are
+   never stored: training recomputes them per minibatch from the final state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..prompts import Prompt
+
+
+@dataclass
+class Features:
+    layers: list[int]  # 0-based exit layers, in the order of hidden's dim 1
+    hidden: torch.Tensor  # [N, len(layers), d] residual stream after each layer
+    final: torch.Tensor  # [N, d] final-norm output (the LM head's input)
+    seq_ids: torch.Tensor  # [N] which sequence each row came from
+
+    def __len__(self) -> int:
+        return self.final.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "Features":
+        return Features(self.layers, self.hidden[rows], self.final[rows], self.seq_ids[rows])
+
+    def split_by_sequence(self, held_out_fraction: float, seed: int):
+        """Train/held-out split by whole sequences (no leakage between them)."""
+        seqs = torch.unique(self.seq_ids)
+        g = torch.Generator().manual_seed(seed)
+        perm = seqs[torch.randperm(len(seqs), generator=g)]
+        n_held = max(1, int(round(len(seqs) * held_out_fraction)))
+        held = torch.isin(self.seq_ids, perm[:n_held])
+        return self.select(~held), self.select(held)
+
+
+def load_prompts(spec: str, limit: int | None, seed: int) -> list[Prompt]:
+    """``spec``: comma-separated packaged sets (sharegpt, humaneval, mtbench; the
+    train split) and/or JSONL files. ``limit`` caps the total, sampling ShareGPT
+    last so the smaller domain sets are used whole."""
+    from .. import prompts as P
+
+    out: list[Prompt] = []
+    for part in [s.strip() for s in spec.split(",") if s.strip()]:
+        if part.endswith(".jsonl") or Path(part).is_file():
+            out.extend(P.from_jsonl(part))
+        else:
+            out.extend(P.load(part, split="train"))
+    if limit is not None and len(out) > limit:
+        g = torch.Generator().manual_seed(seed)
+        fixed = [p for p in out if p.category != "sharegpt"]
+        pool = [p for p in out if p.category == "sharegpt"]
+        take = max(0, limit - len(fixed))
+        idx = torch.randperm(len(pool), generator=g)[:take].tolist()
+        out = (fixed + [pool[i] for i in sorted(idx)])[:limit]
+    return out
+
+
+def generate(model_dir: str, prompts: list[Prompt], *, max_tokens: int, concurrency: int,
+             seed: int, log_path: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt token ids, greedy response token ids) per prompt, from vLLM."""
+    from ..bench.worker import run_job
+
+    res = run_job(
+        dict(model=model_dir, prompts=[p.text for p in prompts], max_tokens=max_tokens,
+             concurrency=concurrency, seed=seed, dtype="float32", return_prompt_ids=True,
+             warmup=False),
+        log_path=log_path,
+    )
+    return list(zip(res["prompt_token_ids"], res["token_ids"]))
+
+
+def save_sequences(path: str, seqs) -> None:
+    with open(path, "w") as f:
+        for p, r in seqs:
+            f.write(json.dumps({"prompt_ids": p, "response_ids": r}) + "\n")
+
+
+def load_sequences(path: str):
+    return [(d["prompt_ids"], d["response_ids"])
+            for d in map(json.loads, Path(path).read_text().splitlines())]
+
+
+@torch.inference_mode()
+def collect_features(hf_model, sequences, layers: list[int], *, desc="hidden states") -> Features:
+    """Forward each prompt+response through the HF model; keep response positions."""
+    hidden, final, seq_ids = [], [], []
+    for k, (prompt, response) in enumerate(tqdm(sequences, desc=desc, unit="seq")):
+        if len(response) < 2:
+            continue
+        ids = torch.tensor([prompt + response])
+        out = hf_model(ids, output_hidden_states=True)
+        hs = out.hidden_states  # [0] embeddings, [i + 1] after layer i, [-1] normed final
+        # positions whose next token is a response token (the ones drafting predicts)
+        start, stop = len(prompt) - 1, len(prompt) + len(response) - 1
+        hidden.append(torch.stack([hs[x + 1][0, start:stop] for x in layers], dim=1))
+        final.append(hs[-1][0, start:stop])
+        seq_ids.append(torch.full((stop - start,), k, dtype=torch.int32))
+    return Features(list(layers), torch.cat(hidden).float(), torch.cat(final).float(),
+                    torch.cat(seq_ids))

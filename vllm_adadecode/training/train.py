@@ -1,0 +1,93 @@
+"""Train exit heads: minimise KL(p_final || p_exit_i) with the base model frozen.
+
+p_exit_i = softmax(lm_head(final_norm(T_i h_i))): only T_i (d x d, initialised
+to the identity) learns; the model's final norm and LM head stay frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Features
+
+
+@dataclass
+class FrozenHead:
+    """The model's own final norm and LM head, shared by every exit head."""
+
+    lm_head: torch.Tensor  # [V, d]
+    norm_weight: torch.Tensor  # [d]
+    eps: float
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "FrozenHead":
+        norm = hf_model.model.norm
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        return cls(hf_model.lm_head.weight.detach().float(), norm.weight.detach().float(), eps)
+
+    def exit_logits(self, h: torch.Tensor, transform: torch.Tensor | None) -> torch.Tensor:
+        z = h if transform is None else h @ transform.T
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
+        return z @ self.lm_head.T
+
+    def final_logits(self, final: torch.Tensor) -> torch.Tensor:
+        return final @ self.lm_head.T
+
+
+def kl_final_to_exit(final_logits: torch.Tensor, exit_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_final || p_exit)."""
+    logp = F.log_softmax(final_logits.float(), dim=-1)
+    logq = F.log_softmax(exit_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+@torch.no_grad()
+def held_out_kl(head: FrozenHead, feats: Features, transforms: dict[int, torch.Tensor | None],
+                batch: int = 1024) -> dict[int, float]:
+    totals = {x: 0.0 for x in transforms}
+    for s in range(0, len(feats), batch):
+        fl = head.final_logits(feats.final[s:s + batch])
+        for j, x in enumerate(feats.layers):
+            if x in transforms:
+                el = head.exit_logits(feats.hidden[s:s + batch, j], transforms[x])
+                totals[x] += kl_final_to_exit(fl, el).item() * fl.shape[0]
+    return {x: v / max(1, len(feats)) for x, v in totals.items()}
+
+
+def train_heads(head: FrozenHead, feats: Features, layers: list[int], *, epochs: float = 2.0,
+                batch: int = 512, lr: float = 1e-3, seed: int = 0,
+                desc: str = "training exit heads") -> dict[int, torch.Tensor]:
+    """Adam on every T_i at once (each head's loss only touches its own T_i)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    d = feats.final.shape[1]
+    cols = [feats.layers.index(x) for x in layers]
+    params = {x: torch.nn.Parameter(torch.eye(d)) for x in layers}
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    n = len(feats)
+    steps = max(1, int(math.ceil(epochs * n / batch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    order = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        idx, order = order[:batch], order[batch:]
+        with torch.no_grad():
+            final_logits = head.final_logits(feats.final[idx])
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for x, c in zip(layers, cols):
+            loss = kl_final_to_exit(final_logits, head.exit_logits(feats.hidden[idx, c], params[x]))
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        sched.step()
+        bar.set_postfix(kl=f"{total / len(layers):.3f}")
+    return {x: p.detach().clone() for x, p in params.items()}
