@@ -3,6 +3,8 @@
     vllm-adadecode demo        vanilla vLLM vs AdaDecode on packaged prompts
     vllm-adadecode model-path  print (and build once) the packaged model's folder
     vllm-adadecode init-heads  write an identity (untrained) exit-heads folder
+    vllm-adadecode train-heads self-distil exit heads on the model's own outputs
+    vllm-adadecode eval-heads  agreement / exits vs threshold / calibration, JSON + PNG
 """
 
 from __future__ import annotations
@@ -95,6 +97,34 @@ def cmd_demo(args) -> int:
     return 0 if same == len(prompts) else 1
 
 
+def _default_work_dir() -> str:
+    from .models import cache_root
+
+    return str(cache_root() / "training")
+
+
+def cmd_train_heads(args) -> int:
+    from .training.pipeline import train_command
+
+    args.model = args.model or _packaged()
+    train_command(args)
+    return 0
+
+
+def cmd_eval_heads(args) -> int:
+    from .training.pipeline import eval_command
+
+    args.model = args.model or _packaged()
+    eval_command(args)
+    return 0
+
+
+def _packaged() -> str:
+    from .models import packaged_model_dir
+
+    return str(packaged_model_dir())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-adadecode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,13 +152,51 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--exit-layers", type=_int_list)
     h.add_argument("--threshold", type=float, default=0.75)
     h.set_defaults(func=cmd_init_heads)
+
+    t = sub.add_parser("train-heads", help="train exit heads by self-distillation")
+    t.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
+    t.add_argument("--out", required=True, help="heads folder to write")
+    t.add_argument("--exit-layers", default="auto",
+                   help="'auto' (choose by predicted speed) or comma-separated 0-based layers")
+    t.add_argument("--data", default="humaneval,mtbench,sharegpt",
+                   help="packaged sets (train split) and/or JSONL files, comma-separated")
+    t.add_argument("--num-prompts", type=int, default=480)
+    t.add_argument("--max-tokens", type=int, default=128)
+    t.add_argument("--concurrency", type=int, default=32, help="vLLM batch for generation")
+    t.add_argument("--epochs", type=float, default=2.0)
+    t.add_argument("--probe-epochs", type=float, default=0.5,
+                   help="training of candidate heads when --exit-layers auto")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch", type=int, default=512)
+    t.add_argument("--threshold", type=float, default=None,
+                   help="default threshold stored with the heads (auto: chosen with the layers)")
+    t.add_argument("--max-draft", type=int, default=5)
+    t.add_argument("--held-out", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")
+    t.add_argument("--log", help="append engine logs here")
+    t.set_defaults(func=cmd_train_heads)
+
+    e = sub.add_parser("eval-heads", help="evaluate exit heads against the identity head")
+    e.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
+    e.add_argument("--heads", required=True)
+    e.add_argument("--data", default="humaneval,mtbench", help="packaged sets (eval split) or JSONL")
+    e.add_argument("--num-prompts", type=int, default=None)
+    e.add_argument("--max-tokens", type=int, default=128)
+    e.add_argument("--concurrency", type=int, default=32)
+    e.add_argument("--out-json", default="heads_eval.json")
+    e.add_argument("--out-png", default="heads_eval.png")
+    e.add_argument("--work-dir", default=_default_work_dir())
+    e.add_argument("--log", help="append engine logs here")
+    e.set_defaults(func=cmd_eval_heads)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
+    args.argv = list(argv)
+    if args.command in ("demo", "train-heads", "eval-heads"):
         from .cpu_env import reexec_with_runtime_env
 
         reexec_with_runtime_env(["-m", "vllm_adadecode.cli", *argv])

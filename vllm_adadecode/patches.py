@@ -9,6 +9,8 @@ the engine was configured for AdaDecode:
   settings travel to every worker in ``additional_config["adadecode"]``.
 * ``VllmConfig.num_lookahead_tokens``: reserves KV slots for the drafted
   positions, because the drafter writes KV into the target's own blocks.
+* ``VllmConfig.use_v2_model_runner``: False for AdaDecode engines (the hooks
+  below live on the V1 runner, which the CPU runner subclasses).
 * ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it): hands
   the runner to the drafter, which needs its block tables and attention backends.
 * ``vllm.v1.sample.rejection_sampler.rejection_sample`` (AdaDecode workers only):
@@ -132,6 +134,20 @@ def install_engine_hooks() -> None:
 
         num_lookahead_tokens._adadecode = True
         VllmConfig.num_lookahead_tokens = property(num_lookahead_tokens, doc=prop.__doc__)
+
+    # The drafter hooks into the V1 model runner (GPUModelRunner and the CPU
+    # runner that subclasses it); GPU engines would otherwise prefer V2.
+    prop = VllmConfig.__dict__["use_v2_model_runner"]
+    if not getattr(prop.fget, "_adadecode", False):
+        original_v2 = prop.fget
+
+        def use_v2_model_runner(self) -> bool:
+            if is_adadecode(self):
+                return False
+            return original_v2(self)
+
+        use_v2_model_runner._adadecode = True
+        VllmConfig.use_v2_model_runner = property(use_v2_model_runner, doc=prop.__doc__)
 
 
 # ---------------------------------------------------------------------------

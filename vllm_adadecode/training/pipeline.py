@@ -1,0 +1,176 @@
+"""``train-heads`` and ``eval-heads``: the whole self-distillation pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..heads import ExitHeads, base_model_fingerprint
+from . import data as D
+from .evaluate import evaluate, exit_stats, write
+from .select import choose, head_cost_in_layers
+from .train import FrozenHead, held_out_kl, train_heads
+
+
+def _model_config(model_dir: str) -> dict:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg.get("text_config", cfg)
+
+
+def _load_hf(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def sequences_for(model_dir: str, prompts, *, max_tokens: int, concurrency: int, seed: int,
+                  cache_dir: Path, log_path: str | None):
+    """The model's own greedy responses, cached by (model, prompts, max_tokens)."""
+    key = hashlib.sha256(json.dumps(
+        [base_model_fingerprint(model_dir), [p.text for p in prompts], max_tokens]
+    ).encode()).hexdigest()[:16]
+    path = cache_dir / f"sequences-{key}.jsonl"
+    if path.exists():
+        print(f"[train-heads] reusing generated responses {path}")
+        return D.load_sequences(str(path))
+    print(f"[train-heads] generating greedy responses to {len(prompts)} prompts with vLLM ...",
+          flush=True)
+    seqs = D.generate(model_dir, prompts, max_tokens=max_tokens, concurrency=concurrency,
+                      seed=seed, log_path=log_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    D.save_sequences(str(path), seqs)
+    return seqs
+
+
+def train_command(args) -> dict:
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    model = args.model
+    cfg = _model_config(model)
+    L = cfg["num_hidden_layers"]
+    prompts = D.load_prompts(args.data, args.num_prompts, args.seed)
+    cache_dir = Path(args.work_dir)
+    seqs = sequences_for(model, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
+                         seed=args.seed, cache_dir=cache_dir, log_path=args.log)
+    t_gen = time.time() - t_start
+
+    auto = args.exit_layers == "auto"
+    if auto:
+        lo, hi = max(1, L // 5), L - 2
+        step = max(1, (hi - lo) // 7)
+        layers = list(range(lo, hi + 1, step))
+    else:
+        layers = [int(x) for x in args.exit_layers.split(",")]
+    if any(not 1 <= x <= L - 2 for x in layers):
+        raise SystemExit(f"--exit-layers must be in [1, {L - 2}] for training, got {layers}")
+
+    hf = _load_hf(model)
+    head = FrozenHead.from_hf(hf)
+    feats = D.collect_features(hf, seqs, layers)
+    del hf
+    train, held = feats.split_by_sequence(args.held_out, args.seed)
+    print(f"[train-heads] {len(train)} training tokens, {len(held)} held-out tokens", flush=True)
+
+    selection = None
+    threshold = args.threshold
+    if auto:
+        probe = train_heads(head, train, layers, epochs=args.probe_epochs, batch=args.batch,
+                            lr=args.lr, seed=args.seed, desc="probing candidate layers")
+        stats = exit_stats(head, held, probe)
+        conf = torch.stack([stats[x]["conf"] for x in layers], 1)
+        right = torch.stack([stats[x]["right"] for x in layers], 1)
+        selection = choose(conf, right, held.seq_ids, layers, num_layers=L,
+                           head_cost=head_cost_in_layers(cfg), max_draft=args.max_draft)
+        best = selection["best"]
+        chosen = best["exit_layers"]
+        if threshold is None:
+            threshold = best["threshold"]
+        print(f"[train-heads] chose exit layers {chosen} threshold {best['threshold']} "
+              f"(predicted {best['tokens_per_step']:.2f} tokens/step, "
+              f"{best['speedup']:.2f}x compute speedup)", flush=True)
+        selection["candidates"] = {
+            str(x): {"agreement": float(right[:, i].float().mean()),
+                     "mean_confidence": float(conf[:, i].mean())}
+            for i, x in enumerate(layers)
+        }
+        selection["table"] = selection["table"][:20]
+    else:
+        chosen = layers
+    if threshold is None:
+        threshold = 0.75
+    cols = [layers.index(x) for x in chosen]
+    train = D.Features(chosen, train.hidden[:, cols], train.final, train.seq_ids)
+    held = D.Features(chosen, held.hidden[:, cols], held.final, held.seq_ids)
+    transforms = train_heads(head, train, chosen, epochs=args.epochs, batch=args.batch,
+                             lr=args.lr, seed=args.seed)
+    kl_identity = held_out_kl(head, held, {x: None for x in chosen})
+    kl_trained = held_out_kl(head, held, transforms)
+    report = evaluate(head, held, transforms)
+    elapsed = time.time() - t_start
+    meta = {
+        "base_model": Path(model).name,
+        "trained": True,
+        "training": {
+            "command": "vllm-adadecode train-heads " + " ".join(args.argv),
+            "data": args.data,
+            "num_prompts": len(prompts),
+            "max_tokens": args.max_tokens,
+            "tokens": {"train": len(train), "held_out": len(held)},
+            "seed": args.seed,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch": args.batch,
+            "seconds": round(elapsed, 1),
+            "seconds_generating": round(t_gen, 1),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "held_out_kl": {"identity": kl_identity, "trained": kl_trained},
+            "held_out_agreement": {x: report["layers"][str(x)]["trained"]["agreement"]
+                                   for x in chosen},
+            "held_out_agreement_identity": {x: report["layers"][str(x)]["identity"]["agreement"]
+                                            for x in chosen},
+            "selection": selection,
+        },
+    }
+    heads = ExitHeads(transforms, hidden_size=cfg["hidden_size"], threshold=threshold,
+                      base_model_fingerprint=base_model_fingerprint(model), metadata=meta)
+    out = heads.save(args.out)
+    write(report, str(out / "eval.json"), str(out / "eval.png"), f"{Path(model).name}: held-out")
+    for x in chosen:
+        print(f"[train-heads] layer {x}: held-out KL {kl_identity[x]:.3f} (identity) -> "
+              f"{kl_trained[x]:.3f}; top-1 agreement "
+              f"{meta['training']['held_out_agreement_identity'][x]:.3f} -> "
+              f"{meta['training']['held_out_agreement'][x]:.3f}")
+    print(f"[train-heads] wrote {out} in {elapsed:.0f} s")
+    return meta
+
+
+def eval_command(args) -> dict:
+    from .. import prompts as P
+
+    heads = ExitHeads.load(args.heads)
+    heads.check_base_model(args.model, hidden_size=_model_config(args.model)["hidden_size"])
+    prompts = []
+    for name in args.data.split(","):
+        name = name.strip()
+        prompts.extend(P.from_jsonl(name) if name.endswith(".jsonl") else P.load(name, "eval"))
+    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+    seqs = sequences_for(args.model, prompts, max_tokens=args.max_tokens,
+                         concurrency=args.concurrency, seed=0, cache_dir=Path(args.work_dir),
+                         log_path=args.log)
+    hf = _load_hf(args.model)
+    head = FrozenHead.from_hf(hf)
+    feats = D.collect_features(hf, seqs, heads.exit_layers)
+    report = evaluate(head, feats, heads.transforms)
+    report["heads"] = str(args.heads)
+    report["data"] = args.data
+    write(report, args.out_json, args.out_png, f"{Path(args.model).name}: {args.data} (eval split)")
+    for x, r in report["layers"].items():
+        print(f"layer {x}: agreement {r['identity']['agreement']:.3f} (identity) -> "
+              f"{r['trained']['agreement']:.3f} (trained)")
+    print(f"wrote {args.out_json}" + (f" and {args.out_png}" if args.out_png else ""))
+    return report
