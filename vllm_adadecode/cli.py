@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threshold", type=float, default=None,
                    help="default threshold stored with the heads (auto: chosen with the layers)")
     t.add_argument("--max-draft", type=int, default=5)
+    from .training.select import CostModel
+
+    for f, default in vars(CostModel()).items():
+        t.add_argument(f"--{f.replace('_', '-')}", type=float, default=default,
+                       help=f"cost model for --exit-layers auto (default {default})")
     t.add_argument("--held-out", type=float, default=0.1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")

@@ -15,6 +15,9 @@ into the target's own paged KV blocks through the target's attention layers.
 
 from __future__ import annotations
 
+import atexit
+import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -50,7 +53,19 @@ class AdaDecodeProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.model = None
         self.exit_counts: Counter[int] = Counter()
+        self.seconds = 0.0  # time spent drafting
+        self.layer_evals = 0  # decoder-layer token evaluations in drafting
+        self.head_evals = 0  # exit-head token evaluations
+        self.calls = 0
         patches.install_runner_hooks()
+        self.profile = os.environ.get("VLLM_ADADECODE_PROFILE") == "1"
+        if self.profile:
+            atexit.register(self._report)
+
+    def _report(self) -> None:
+        print(f"[adadecode] drafting: {self.calls} calls, {self.seconds:.2f} s, "
+              f"exits per layer {dict(sorted(self.exit_counts.items()))}, "
+              f"layer evals {self.layer_evals}, head evals {self.head_evals}", flush=True)
 
     # ---- vLLM hooks ----------------------------------------------------------
     def load_model(self, target_model) -> None:
@@ -75,8 +90,18 @@ class AdaDecodeProposer:
         )
 
     # ---- drafting -----------------------------------------------------------
-    @torch.inference_mode()
     def propose_for_runner(self, runner, sampled_token_ids: list[list[int]]) -> list[list[int]]:
+        t0 = time.perf_counter()
+        try:
+            return self._propose(runner, sampled_token_ids)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            if self.profile and self.calls % 100 == 0:
+                self._report()
+
+    @torch.inference_mode()
+    def _propose(self, runner, sampled_token_ids: list[list[int]]) -> list[list[int]]:
         batch = patches.RunnerBatch(runner)
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         drafting: list[_Draft] = []
@@ -127,6 +152,8 @@ class AdaDecodeProposer:
                 rows=[d.row for d in reqs],
                 query_lens=q_lens,
             )
+            self.layer_evals += len(pos) * (exit_layer - depth)
+            self.head_evals += len(reqs)
             depth = exit_layer
             ends = torch.tensor(q_lens).cumsum(0) - 1  # row of each newest token
             token, prob = top1(self._exit_logits(exit_layer, hidden[ends], residual[ends]))

@@ -13,7 +13,7 @@ import torch
 from ..heads import ExitHeads, base_model_fingerprint
 from . import data as D
 from .evaluate import evaluate, exit_stats, write
-from .select import choose, head_cost_in_layers
+from .select import CostModel, choose
 from .train import FrozenHead, held_out_kl, train_heads
 
 
@@ -84,15 +84,19 @@ def train_command(args) -> dict:
         stats = exit_stats(head, held, probe)
         conf = torch.stack([stats[x]["conf"] for x in layers], 1)
         right = torch.stack([stats[x]["right"] for x in layers], 1)
-        selection = choose(conf, right, held.seq_ids, layers, num_layers=L,
-                           head_cost=head_cost_in_layers(cfg), max_draft=args.max_draft)
+        cost = CostModel(**{f: getattr(args, f) for f in CostModel.__dataclass_fields__})
+        selection = choose(conf, right, held.seq_ids, layers, max_draft=args.max_draft, cost=cost)
         best = selection["best"]
         chosen = best["exit_layers"]
         if threshold is None:
             threshold = best["threshold"]
         print(f"[train-heads] chose exit layers {chosen} threshold {best['threshold']} "
               f"(predicted {best['tokens_per_step']:.2f} tokens/step, "
-              f"{best['speedup']:.2f}x compute speedup)", flush=True)
+              f"{best['speedup']:.2f}x predicted speedup)", flush=True)
+        if best["speedup"] < 1.0:
+            print("[train-heads] note: under this cost model no choice of exit layers beats "
+                  "vanilla decoding; drafting costs more than the accepted tokens save",
+                  flush=True)
         selection["candidates"] = {
             str(x): {"agreement": float(right[:, i].float().mean()),
                      "mean_confidence": float(conf[:, i].mean())}

@@ -7,34 +7,36 @@ whose confidence reaches the threshold; drafting stops at the first token that
 exits nowhere; the verifier keeps the agreeing prefix) gives, for every choice
 of layers and threshold, tokens per verification step and the compute spent:
 
-* drafting a token that exits at layer e after checking c exit heads costs
-  (e + 1) + c * h layer-units, h = the LM head's cost in decoder layers;
-* a token that exits nowhere costs the layers and heads it tried;
-* verifying k drafts costs (L + h) * (1 + beta * k): extra tokens in one forward
-  are cheaper than separate forwards (beta < 1).
+* a vanilla decoding step (one token) takes ``step_ms``;
+* a verification step with k drafts takes ``step_ms + verify_token_ms * k``;
+* drafting a token that exits at layer e after checking c exit heads takes
+  ``draft_layer_ms * (e + 1) + (draft_head_ms + draft_segment_ms) * c``; a token
+  that exits nowhere costs the layers and checks it tried.
 
-The choice maximising (tokens per step) * (L + h) / (cost per step), i.e. the
-predicted speedup over one full forward per token, wins.
+The choice maximising tokens * step_ms / (time spent), the predicted speedup
+over vanilla decoding, wins. ``CostModel`` defaults were measured on this
+project's 2-core CPU machines with SmolLM2-135M-Instruct (fp32, batch 1; see
+docs/HEADS.md); pass your own for other machines or models.
 """
 
-from __future__ import annotations
-
 import itertools
+from dataclasses import asdict, dataclass
 
 import torch
 
 
-def head_cost_in_layers(cfg: dict) -> float:
-    d, ff = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or d // heads
-    layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * ff
-    return cfg["vocab_size"] * d / layer
+@dataclass(frozen=True)
+class CostModel:
+    step_ms: float = 39.0  # one vanilla decoding step
+    verify_token_ms: float = 8.0  # each extra drafted token in a verification step
+    draft_layer_ms: float = 1.6  # one decoder layer for one drafted token
+    draft_head_ms: float = 5.0  # one exit-head check (full-vocabulary LM head)
+    draft_segment_ms: float = 1.0  # fixed cost per layer segment (metadata, dispatch)
 
 
 def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, layers: list[int],
-             cols: list[int], threshold: float, *, num_layers: int, head_cost: float,
-             max_draft: int, beta: float) -> dict[str, float]:
+             cols: list[int], threshold: float, *, max_draft: int,
+             cost: CostModel) -> dict[str, float]:
     """conf/right: [N, n_candidates] over consecutive held-out positions."""
     ok = (conf[:, cols] >= threshold)
     # first exit column per token, or -1
@@ -44,8 +46,8 @@ def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, lay
     good = right[:, cols].tolist()
     seq = seq_ids.tolist()
     n = len(seq)
-    full = num_layers + head_cost
-    tokens = cost = steps = 0.0
+    per_check = cost.draft_head_ms + cost.draft_segment_ms
+    tokens = spent = steps = 0.0
     t = 0
     while t < n:
         drafted = []
@@ -54,9 +56,9 @@ def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, lay
         while len(drafted) < max_draft and j < n and seq[j] == seq[t]:
             f = first[j]
             if f < 0:
-                draft_cost += layers[-1] + 1 + len(layers) * head_cost
+                draft_cost += cost.draft_layer_ms * (layers[-1] + 1) + per_check * len(layers)
                 break
-            draft_cost += layers[f] + 1 + (f + 1) * head_cost
+            draft_cost += cost.draft_layer_ms * (layers[f] + 1) + per_check * (f + 1)
             drafted.append(good[j][f])
             j += 1
         accepted = 0
@@ -64,7 +66,7 @@ def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, lay
             if not g:
                 break
             accepted += 1
-        cost += draft_cost + full * (1 + beta * len(drafted))
+        spent += draft_cost + cost.step_ms + cost.verify_token_ms * len(drafted)
         advance = accepted + 1
         # the last position of a sequence has no next token inside it
         end = t
@@ -74,21 +76,21 @@ def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, lay
         tokens += advance
         steps += 1
         t += advance
-    return {"tokens_per_step": tokens / steps, "speedup": tokens * full / cost}
+    return {"tokens_per_step": tokens / steps, "speedup": tokens * cost.step_ms / spent}
 
 
 def choose(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, candidates: list[int],
-           *, num_layers: int, head_cost: float, max_draft: int = 5, beta: float = 0.3,
-           thresholds=(0.5, 0.6, 0.7, 0.8, 0.9), max_layers: int = 3) -> dict:
+           *, max_draft: int = 5, cost: CostModel = CostModel(), thresholds=(0.5, 0.6, 0.7, 0.8, 0.9),
+           max_layers: int = 3) -> dict:
     """Best (layers, threshold) by simulated speedup; returns the full table too."""
     table = []
     for k in range(1, max_layers + 1):
         for cols in itertools.combinations(range(len(candidates)), k):
             layers = [candidates[c] for c in cols]
             for g in thresholds:
-                r = simulate(conf, right, seq_ids, layers, list(cols), g, num_layers=num_layers,
-                             head_cost=head_cost, max_draft=max_draft, beta=beta)
+                r = simulate(conf, right, seq_ids, layers, list(cols), g,
+                             max_draft=max_draft, cost=cost)
                 table.append({"exit_layers": layers, "threshold": g, **r})
     table.sort(key=lambda r: -r["speedup"])
-    return {"best": table[0], "table": table, "head_cost_layers": head_cost, "beta": beta,
+    return {"best": table[0], "table": table, "cost_model": asdict(cost),
             "max_draft": max_draft}

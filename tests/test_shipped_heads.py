@@ -1,0 +1,48 @@
+"""The exit heads shipped for SmolLM2-135M-Instruct."""
+
+import json
+
+import pytest
+
+from vllm_adadecode.heads import SHIPPED_DIR, ExitHeads, base_model_fingerprint
+
+SMOL_HEADS = SHIPPED_DIR / "SmolLM2-135M-Instruct"
+
+
+def test_shipped_heads_match_the_packaged_model(smollm2):
+    heads = ExitHeads.load(SMOL_HEADS)
+    assert heads.base_model_fingerprint == base_model_fingerprint(smollm2)
+    assert heads.hidden_size == 576 and heads.metadata["trained"] is True
+    assert (SMOL_HEADS / "exit_heads.safetensors").stat().st_size < 10 * 2**20  # small
+
+
+def test_shipped_heads_are_the_default_for_their_model(smollm2):
+    from vllm.engine.arg_utils import EngineArgs
+
+    cfg = EngineArgs(model=smollm2, speculative_config={"method": "adadecode"}) \
+        .create_engine_config()
+    ada = cfg.additional_config["adadecode"]
+    heads = ExitHeads.load(SMOL_HEADS)
+    assert ada["heads"] == str(SMOL_HEADS.resolve())
+    assert ada["exit_layers"] == heads.exit_layers and ada["threshold"] == heads.threshold
+
+
+def test_shipped_heads_are_not_used_for_another_model(tiny_llama):
+    from vllm.engine.arg_utils import EngineArgs
+
+    cfg = EngineArgs(model=tiny_llama, speculative_config={"method": "adadecode"}) \
+        .create_engine_config()
+    assert cfg.additional_config["adadecode"]["heads"] is None
+
+
+def test_training_prompts_are_disjoint_from_every_evaluated_prompt():
+    from vllm_adadecode import prompts as P
+    from vllm_adadecode.training.data import load_prompts
+
+    t = json.loads((SMOL_HEADS / "config.json").read_text())["training"]
+    train = load_prompts(t["data"], t["num_prompts"], t["seed"])
+    assert len(train) == t["num_prompts"]
+    evaluated = {p.text for p in P.humaneval("eval") + P.mtbench("eval")}
+    assert evaluated and not evaluated & {p.text for p in train}
+    with pytest.raises(ValueError):
+        P.sharegpt("eval")  # ShareGPT is never an evaluation set
