@@ -46,3 +46,12 @@ def test_training_prompts_are_disjoint_from_every_evaluated_prompt():
     assert evaluated and not evaluated & {p.text for p in train}
     with pytest.raises(ValueError):
         P.sharegpt("eval")  # ShareGPT is never an evaluation set
+
+
+def test_explicit_layers_outside_the_shipped_heads_use_identity_heads(smollm2):
+    from vllm.engine.arg_utils import EngineArgs
+
+    for spec in ({"exit_layers": [29]}, {"heads": "identity"}):
+        cfg = EngineArgs(model=smollm2, speculative_config={"method": "adadecode", **spec}) \
+            .create_engine_config()
+        assert cfg.additional_config["adadecode"]["heads"] is None

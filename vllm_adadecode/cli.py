@@ -57,8 +57,11 @@ def cmd_demo(args) -> int:
 
     model = args.model or str(packaged_model_dir())
     prompts = mixed(args.num_prompts)
-    spec = json.loads(args.speculative_config) if args.speculative_config else {}
-    spec.setdefault("method", "adadecode")
+    specs = []
+    for text in args.speculative_config or ['{"method": "adadecode"}']:
+        spec = json.loads(text)
+        spec.setdefault("method", "adadecode")
+        specs.append(spec)
     base = dict(
         model=model,
         prompts=[p.text for p in prompts],
@@ -71,30 +74,45 @@ def cmd_demo(args) -> int:
     print(f"model: {model}")
     print(f"prompts: {len(prompts)} ({', '.join(p.id for p in prompts)})")
     print(f"max_tokens={args.max_tokens} concurrency={args.concurrency} dtype={args.dtype}")
-    print(f"adadecode speculative_config: {json.dumps(spec)}\n")
+    print(f"engine logs: {args.log}\n")
+    runs = [("vanilla", None)] + [
+        ("adadecode" if len(specs) == 1 else f"adadecode#{i + 1}", s) for i, s in enumerate(specs)
+    ]
     results = {}
-    for name, sc in (("vanilla", None), ("adadecode", spec)):
-        print(f"[{name}] starting engine ...", flush=True)
+    for name, sc in runs:
+        print(f"[{name}] speculative_config={json.dumps(sc)}: starting engine ...", flush=True)
         results[name] = run_job({**base, "speculative_config": sc}, log_path=args.log)
         r = results[name]
         print(f"[{name}] {r['output_tokens']} tokens in {r['elapsed_s']:.2f} s", flush=True)
-    van, ada = results["vanilla"], results["adadecode"]
-    same = sum(a == b for a, b in zip(ada["token_ids"], van["token_ids"]))
-    speedup = ada["tokens_per_s"] / van["tokens_per_s"]
+    van = results["vanilla"]
     print()
-    print(f"{'method':<10} {'tok/s':>8} {'tokens/step':>12} {'accept rate':>12}")
+    print(f"{'method':<12} {'tok/s':>8} {'speedup':>8} {'tokens/step':>12} {'accept rate':>12} "
+          f"{'identical':>10}")
+    all_same = True
     for name, r in results.items():
-        print(
-            f"{name:<10} {r['tokens_per_s']:>8.2f} {r['tokens_per_step']:>12.2f} "
-            f"{r['acceptance_rate']:>12.2f}"
-        )
-    print(f"\nspeedup (adadecode / vanilla tokens/s): {speedup:.2f}x")
-    print(f"mean accepted tokens per verification step: {ada['tokens_per_step']:.2f}")
-    print(f"outputs token-for-token identical to vanilla: {same}/{len(prompts)}")
+        same = sum(a == b for a, b in zip(r["token_ids"], van["token_ids"]))
+        all_same &= same == len(prompts)
+        print(f"{name:<12} {r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / van['tokens_per_s']:>7.2f}x "
+              f"{r['tokens_per_step']:>12.2f} {r['acceptance_rate']:>12.2f} "
+              f"{same:>6}/{len(prompts)}")
+    for name, sc in runs[1:]:
+        r = results[name]
+        print(f"\n{name}: {json.dumps(sc)}")
+        print(f"  speedup (tokens/s over vanilla): {r['tokens_per_s'] / van['tokens_per_s']:.2f}x")
+        print(f"  mean accepted tokens per verification step: {r['tokens_per_step']:.2f}")
+        same = sum(a == b for a, b in zip(r["token_ids"], van["token_ids"]))
+        print(f"  outputs token-for-token identical to vanilla: {same}/{len(prompts)}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"speedup": speedup, "identical": same, "results": results}, f, indent=1)
-    return 0 if same == len(prompts) else 1
+            json.dump({"specs": specs, "results": results}, f, indent=1)
+    return 0 if all_same else 1
+
+
+def _default_log(name: str) -> str:
+    from .models import cache_root
+
+    (cache_root() / "logs").mkdir(parents=True, exist_ok=True)
+    return str(cache_root() / "logs" / name)
 
 
 def _default_work_dir() -> str:
@@ -137,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--concurrency", type=int, default=1)
     d.add_argument("--dtype", default="float32")
     d.add_argument("--enforce-eager", action="store_true")
-    d.add_argument("--speculative-config", help="JSON; method defaults to adadecode")
+    d.add_argument("--speculative-config", action="append",
+                   help="JSON; method defaults to adadecode; repeat to compare several")
     d.add_argument("--out", help="write all results as JSON")
-    d.add_argument("--log", help="append engine logs here instead of the terminal")
+    d.add_argument("--log", default=_default_log("demo.log"),
+                   help="append engine logs here (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("model-path", help="print the packaged model's local HF folder")

@@ -28,6 +28,8 @@ ADADECODE_KEYS = ("exit_layers", "threshold", "heads")
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
 VLLM_KEYS = ("method", "num_speculative_tokens", "model")
 ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
+# "heads": "identity" turns the shipped heads off: T_i = I (the logit lens).
+IDENTITY_HEADS = "identity"
 
 
 class AdaDecodeConfigError(ValueError):
@@ -183,10 +185,14 @@ def resolve(
     heads_path = heads_path if heads_path is not None else model_path
 
     heads = None
-    if heads_path is not None:
+    implicit = False  # heads chosen by fingerprint rather than named by the user
+    if heads_path == IDENTITY_HEADS:
+        heads_path = None
+    elif heads_path is not None:
         if not isinstance(heads_path, str):
             raise AdaDecodeConfigError(
-                f"adadecode 'heads' must be a path to an exit-heads folder, got {heads_path!r}"
+                f"adadecode 'heads' must be a path to an exit-heads folder or "
+                f"{IDENTITY_HEADS!r}, got {heads_path!r}"
             )
         heads = ExitHeads.load(heads_path)  # raises AdaDecodeConfigError when bad
         heads.check_base_model(model_dir, hidden_size=hidden_size)
@@ -195,6 +201,8 @@ def resolve(
         shipped = shipped_heads_for(model_dir, hidden_size=hidden_size)
         if shipped is not None:
             heads, heads_path = shipped
+            heads_path = str(Path(heads_path).resolve())
+            implicit = True
 
     if "exit_layers" in merged:
         exit_layers = validate_exit_layers(merged.pop("exit_layers"), num_hidden_layers)
@@ -204,7 +212,10 @@ def resolve(
         exit_layers = default_exit_layers(num_hidden_layers)
     if heads is not None:
         missing = [x for x in exit_layers if x not in heads.exit_layers]
-        if missing:
+        if missing and implicit:
+            # The shipped heads do not cover the layers asked for: identity heads.
+            heads, heads_path = None, None
+        elif missing:
             raise AdaDecodeConfigError(
                 f"adadecode 'exit_layers' {list(exit_layers)}: the heads folder "
                 f"{heads_path} has no head for layer(s) {missing}; it has heads for "

@@ -120,7 +120,7 @@ def train_command(args) -> dict:
         "base_model": Path(model).name,
         "trained": True,
         "training": {
-            "command": "vllm-adadecode train-heads " + " ".join(args.argv),
+            "command": "vllm-adadecode " + " ".join(args.argv),
             "data": args.data,
             "num_prompts": len(prompts),
             "max_tokens": args.max_tokens,
