@@ -106,7 +106,7 @@ class AdaDecodeProposer:
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         drafting: list[_Draft] = []
         for row, sampled in enumerate(sampled_token_ids):
-            # Sampled requests get no drafts: verification stays vLLM's, lossless.
+            # Sampled requests get no drafts: they are sampled exactly as without speculation.
             if not sampled or not batch.is_greedy(row):
                 continue
             position = batch.num_tokens(row) - 1
