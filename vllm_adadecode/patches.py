@@ -1,7 +1,8 @@
 """Every touch of vLLM internals lives here, checked against one pinned vLLM version.
 
-Three hooks, each installed once per process and each a pass-through unless
-the engine was configured for AdaDecode:
+Hooks, each installed once per process and each a pass-through unless the
+engine was configured for AdaDecode. The first three are installed by
+``register()`` in every process; the worker-side ones when the drafter is built:
 
 * ``EngineArgs.create_speculative_config``: turns ``{"method": "adadecode", ...}``
   (or ``--spec-model HEADS_DIR``) into vLLM's custom-class proposer pointing at
@@ -16,6 +17,9 @@ the engine was configured for AdaDecode:
 * ``vllm.v1.sample.rejection_sampler.rejection_sample`` (AdaDecode workers only):
   verification becomes vllm_adadecode.verifier.exact_match. Sampled requests
   never carry drafts, so they just emit vLLM's sampled bonus token.
+* ``vllm.v1.sample.rejection_sampler.apply_sampling_constraints`` (AdaDecode
+  workers only): skipped when every drafted row is greedy; vLLM 0.32 on CPU
+  corrupted greedy rows here when a batch also held sampled requests.
 
 The adapters below (RunnerBatch, decoder_layers, embed, final_norm,
 compute_logits) are the only places the drafter reaches into vLLM objects.
