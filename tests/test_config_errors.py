@@ -30,6 +30,7 @@ def _start(model, spec, **kw):
         ({"exit_layers": [3, 2]}, r"'exit_layers' must be strictly increasing"),
         ({"exit_layers": [2, 2]}, r"'exit_layers' must be strictly increasing"),
         ({"num_speculative_tokens": 0}, r"'num_speculative_tokens' must be an integer >= 1"),
+        ({"adaptive": "yes"}, r"'adaptive' must be true or false"),
     ],
 )
 def test_bad_setting_fails_at_engine_start(tiny_llama, spec, message):

@@ -5,6 +5,7 @@
     vllm-adadecode init-heads  write an identity (untrained) exit-heads folder
     vllm-adadecode train-heads self-distil exit heads on the model's own outputs
     vllm-adadecode eval-heads  agreement / exits vs threshold / calibration, JSON + PNG
+    vllm-adadecode bench       speculative methods side by side (Spec-Bench style)
 """
 
 from __future__ import annotations
@@ -106,6 +107,46 @@ def cmd_demo(args) -> int:
         with open(args.out, "w") as f:
             json.dump({"specs": specs, "results": results}, f, indent=1)
     return 0 if all_same else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench import harness as H
+
+    try:
+        methods = [H.parse_method(t, args.draft_model)
+                   for t in (args.method or ["vanilla", "adadecode", "ngram"])]
+        if args.draft_model and not any(m.kind == "draft_model" for m in methods):
+            methods.append(H.parse_method("draft_model", args.draft_model))
+        concurrency = H.parse_concurrency(args.concurrency)
+        names = [d.strip() for d in (args.dataset or "").split(",") if d.strip()]
+        if not names and not args.prompts:
+            names = ["humaneval"]
+        datasets = H.load_datasets(names, args.prompts, args.num_prompts)
+        if args.repeats < 1:
+            raise H.BenchError("--repeats must be >= 1")
+    except H.BenchError as e:
+        print(f"vllm-adadecode bench: error: {e}", file=sys.stderr)
+        return 2
+    model = args.model or _packaged()
+    print(f"model: {model}")
+    print("prompts: " + ", ".join(f"{d} ({len(ps)})" for d, ps in datasets.items()))
+    print(f"methods: {', '.join(m.label for m in methods)}")
+    print(f"concurrency {concurrency}, max_tokens {args.max_tokens}, dtype {args.dtype}, "
+          f"seed {args.seed}, repeats {args.repeats}; engine logs: {args.log}", flush=True)
+    doc = H.run(model=model, methods=methods, datasets=datasets, concurrency=concurrency,
+                max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed,
+                repeats=args.repeats, enforce_eager=args.enforce_eager, log_path=args.log)
+    doc["settings"]["command"] = "vllm-adadecode bench " + " ".join(
+        a if " " not in a and "{" not in a else repr(a) for a in args.argv[1:])
+    print(H.format_table(doc))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"\nwrote {args.out}")
+    if args.plot:
+        H.plot(doc, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def _default_log(name: str) -> str:
@@ -214,6 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--work-dir", default=_default_work_dir())
     e.add_argument("--log", help="append engine logs here")
     e.set_defaults(func=cmd_eval_heads)
+
+    b = sub.add_parser("bench", help="speculative methods side by side (Spec-Bench style)")
+    b.add_argument("--model", help="HF model folder (default: packaged SmolLM2-135M-Instruct)")
+    b.add_argument("--method", action="append", metavar="NAME[=JSON]",
+                   help="vanilla, adadecode, ngram or draft_model, with optional speculative-"
+                        "config fields as JSON, e.g. 'adadecode={\"threshold\": 0.6}'; "
+                        "repeat for several (default: vanilla, adadecode, ngram; vanilla "
+                        "always runs)")
+    b.add_argument("--draft-model", help="draft model folder for the draft_model method")
+    b.add_argument("--dataset", help="humaneval, mtbench and/or sharegpt, comma-separated "
+                                     "(evaluation split; default humaneval)")
+    b.add_argument("--prompts", help='JSONL: one {"prompt": ...} or {"turns": [...]} per line, '
+                                     'optional "category"')
+    b.add_argument("--num-prompts", type=int, default=16,
+                   help="prompts per dataset, taken round-robin over categories")
+    b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--concurrency", default="1", help="requests in flight; a list sweeps, "
+                                                      "e.g. 1,4,16")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--repeats", type=int, default=2,
+                   help="run the whole method list this many times (drift shows as a range)")
+    b.add_argument("--enforce-eager", action="store_true")
+    b.add_argument("--out", help="results JSON (schema in docs/BENCHMARKS.md)")
+    b.add_argument("--plot", help="PNG: speedup and accepted tokens per step")
+    b.add_argument("--log", default=_default_log("bench.log"),
+                   help="append engine logs here (default: %(default)s)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
@@ -221,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
-    if args.command in ("demo", "train-heads", "eval-heads"):
+    if args.command in ("demo", "train-heads", "eval-heads", "bench"):
         from .cpu_env import reexec_with_runtime_env
 
         reexec_with_runtime_env(["-m", "vllm_adadecode.cli", *argv])

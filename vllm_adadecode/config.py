@@ -24,7 +24,7 @@ DEFAULT_THRESHOLD = 0.75
 DEFAULT_NUM_SPECULATIVE_TOKENS = 5
 
 # Keys AdaDecode owns inside the speculative config (besides vLLM's own below).
-ADADECODE_KEYS = ("exit_layers", "threshold", "heads")
+ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred")
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
 VLLM_KEYS = ("method", "num_speculative_tokens", "model")
 ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
@@ -49,6 +49,12 @@ class AdaDecodeConfig:
     """Maximum draft length per verification step."""
     heads: str | None = None
     """Exit-heads folder; None means identity heads (the model's own norm + LM head)."""
+    adaptive: bool = True
+    """Measure tokens per second with and without drafting, per batch size, and
+    draft only where drafting is measured to pay (speculation backs off under load)."""
+    deferred: bool = False
+    """Deferred-layer verification: a drafted token's verification runs only the
+    layers after the depth the drafter already took it to."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -62,6 +68,8 @@ class AdaDecodeConfig:
             threshold=float(d["threshold"]),
             num_speculative_tokens=int(d["num_speculative_tokens"]),
             heads=d.get("heads"),
+            adaptive=bool(d.get("adaptive", True)),
+            deferred=bool(d.get("deferred", False)),
         )
 
 
@@ -231,10 +239,17 @@ def resolve(
 
     num_spec = merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
     num_spec = validate_num_speculative_tokens(num_spec)
+    flags = {}
+    for key, default in (("adaptive", True), ("deferred", False)):
+        flags[key] = merged.pop(key, default)
+        if not isinstance(flags[key], bool):
+            raise AdaDecodeConfigError(
+                f"adadecode '{key}' must be true or false, got {flags[key]!r}")
     assert not merged, merged
     return AdaDecodeConfig(
         exit_layers=exit_layers,
         threshold=threshold,
         num_speculative_tokens=num_spec,
         heads=heads_path,
+        **flags,
     )

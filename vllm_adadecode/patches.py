@@ -14,12 +14,17 @@ engine was configured for AdaDecode. The first three are installed by
   below live on the V1 runner, which the CPU runner subclasses).
 * ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it): hands
   the runner to the drafter, which needs its block tables and attention backends.
+* ``GPUModelRunner._model_forward``: with ``"deferred": true``, a step that
+  verifies drafts runs through the drafter's ``deferred_forward`` (each draft
+  starts at the layer after its drafted depth); otherwise vLLM's own forward.
 * ``vllm.v1.sample.rejection_sampler.rejection_sample`` (AdaDecode workers only):
   verification becomes vllm_adadecode.verifier.exact_match. Sampled requests
   never carry drafts, so they just emit vLLM's sampled bonus token.
 * ``vllm.v1.sample.rejection_sampler.apply_sampling_constraints`` (AdaDecode
   workers only): skipped when every drafted row is greedy; vLLM 0.32 on CPU
   corrupted greedy rows here when a batch also held sampled requests.
+* ``WorkerBase.adadecode_stats`` (added, every process): the drafter's counters,
+  read with ``LLM.collective_rpc("adadecode_stats")`` (None on other engines).
 
 The adapters below (RunnerBatch, decoder_layers, embed, final_norm,
 compute_logits) are the only places the drafter reaches into vLLM objects.
@@ -35,6 +40,7 @@ from . import config as adacfg
 
 PINNED_VLLM_VERSION = "0.32.0"
 PROPOSER_PATH = "vllm_adadecode.proposer.AdaDecodeProposer"
+STATS_RPC = "adadecode_stats"
 
 logger = logging.getLogger("vllm_adadecode")
 
@@ -153,6 +159,18 @@ def install_engine_hooks() -> None:
         use_v2_model_runner._adadecode = True
         VllmConfig.use_v2_model_runner = property(use_v2_model_runner, doc=prop.__doc__)
 
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if not hasattr(WorkerBase, STATS_RPC):
+
+        def adadecode_stats(self, reset: bool = True):
+            """The AdaDecode drafter's counters on this worker (None without one)."""
+            drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+            stats = getattr(drafter, "stats", None)
+            return stats(reset=reset) if callable(stats) else None
+
+        setattr(WorkerBase, STATS_RPC, adadecode_stats)
+
 
 # ---------------------------------------------------------------------------
 # Worker hooks (installed when the drafter is built)
@@ -173,6 +191,26 @@ def install_runner_hooks() -> None:
 
     propose_draft_token_ids._adadecode = True
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+
+    original_forward = GPUModelRunner._model_forward
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
+                       inputs_embeds=None, **model_kwargs):
+        # Deferred-layer verification: the drafter runs the forward itself when
+        # this step verifies drafts whose first layers it already ran.
+        forward = getattr(self.drafter, "deferred_forward", None) if hasattr(
+            self, "drafter") else None
+        if (forward is not None and input_ids is not None and intermediate_tensors is None
+                and inputs_embeds is None and not model_kwargs):
+            out = forward(self, input_ids, positions)
+            if out is not None:
+                return out
+        return original_forward(self, input_ids=input_ids, positions=positions,
+                                intermediate_tensors=intermediate_tensors,
+                                inputs_embeds=inputs_embeds, **model_kwargs)
+
+    _model_forward._adadecode = True
+    GPUModelRunner._model_forward = _model_forward
     _install_exact_match_verifier()
 
 
@@ -282,6 +320,17 @@ class RunnerBatch:
                 raise NotImplementedError("AdaDecode needs kernel block size == block size")
         self.block_table = self.input_batch.block_table[0]
         self.block_size = self.block_table.block_size
+
+    def req_id(self, row: int) -> str:
+        return self.input_batch.req_ids[row]
+
+    @property
+    def num_reqs(self) -> int:
+        return self.input_batch.num_reqs
+
+    def query_start_loc(self):
+        """Start of each request's scheduled tokens in this step's flat batch (numpy)."""
+        return self.runner.query_start_loc.np[: self.num_reqs + 1]
 
     def is_greedy(self, row: int) -> bool:
         return self.input_batch.req_ids[row] in self.input_batch.greedy_reqs

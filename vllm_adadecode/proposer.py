@@ -25,6 +25,7 @@ import torch
 
 from . import patches
 from .config import AdaDecodeConfig
+from .governor import Governor
 from .heads import ExitHeads
 from .policy import carried_suffix, draft_budget, exits, top1
 
@@ -38,6 +39,7 @@ class _Draft:
     position: int
     budget: int
     drafted: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)  # where each drafted token exited
     # Per drafted token (position order): hidden, residual (1 x d each), depth.
     hidden: list[torch.Tensor] = field(default_factory=list)
     residual: list[torch.Tensor] = field(default_factory=list)
@@ -52,15 +54,77 @@ class AdaDecodeProposer:
         self.config = AdaDecodeConfig.from_dict(vllm_config.additional_config["adadecode"])
         self.max_model_len = vllm_config.model_config.max_model_len
         self.model = None
-        self.exit_counts: Counter[int] = Counter()
-        self.seconds = 0.0  # time spent drafting
-        self.layer_evals = 0  # decoder-layer token evaluations in drafting
-        self.head_evals = 0  # exit-head token evaluations
-        self.calls = 0
+        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        self._reset_stats()
+        # Drafts proposed in the previous step, per request: their exit layers.
+        # The next step's sampled tokens tell how many of them were accepted.
+        self._pending: dict[str, list[int]] = {}
+        # Per-request counters (steps, accepted) for benchmark breakdowns only.
+        self.per_request = os.environ.get("VLLM_ADADECODE_STATS") == "1"
+        self.governor = Governor() if self.config.adaptive else None
+        # Deferred verification: per request, the drafted positions' depths and
+        # hidden states, consumed by the next forward (deferred_forward).
+        self._states: dict[str, tuple[int, list[int], list, list]] = {}
+        if not self.config.deferred:
+            self.deferred_forward = None
         patches.install_runner_hooks()
         self.profile = os.environ.get("VLLM_ADADECODE_PROFILE") == "1"
         if self.profile:
             atexit.register(self._report)
+
+    def _reset_stats(self) -> None:
+        self.exit_counts: Counter[int] = Counter()
+        self.accepted_by_exit: Counter[int] = Counter()
+        self.rejected_by_exit: Counter[int] = Counter()
+        self.seconds = 0.0  # time spent drafting
+        self.layer_evals = 0  # decoder-layer token evaluations in drafting
+        self.head_evals = 0  # exit-head token evaluations
+        # Layers the verification pass would still owe the drafted tokens if it
+        # skipped what the drafter ran (sum over drafts of L - 1 - final depth).
+        self.deferred_layer_evals = 0
+        # Layer evaluations the verification pass skipped (deferred verification).
+        self.verify_layers_skipped = 0
+        self.calls = 0
+        self.requests: dict[str, list[int]] = {}  # req id -> [steps, accepted drafts]
+
+    def stats(self, reset: bool = True) -> dict:
+        """Counters since the last reset (JSON-friendly; layer keys are strings)."""
+        out = {
+            "calls": self.calls,
+            "draft_seconds": self.seconds,
+            "draft_layer_evals": self.layer_evals,
+            "head_evals": self.head_evals,
+            "deferred_layer_evals": self.deferred_layer_evals,
+            "verify_layers_skipped": self.verify_layers_skipped,
+            "num_layers": self.num_layers,
+            "exits": {str(k): v for k, v in sorted(self.exit_counts.items())},
+            "accepted_by_exit": {str(k): v for k, v in sorted(self.accepted_by_exit.items())},
+            "rejected_by_exit": {str(k): v for k, v in sorted(self.rejected_by_exit.items())},
+            "requests": dict(self.requests),
+            "backoff": self.governor.summary() if self.governor else None,
+        }
+        if reset:
+            self._reset_stats()
+            if self.governor:
+                self.governor.decisions.clear()
+                self.governor.steps.clear()
+        return out
+
+    def _settle(self, batch, sampled_token_ids: list[list[int]]) -> None:
+        """Count last step's drafts as accepted or rejected, by exit layer."""
+        pending, self._pending = self._pending, {}
+        for row, sampled in enumerate(sampled_token_ids):
+            if not sampled:
+                continue
+            req = batch.req_id(row)
+            accepted = len(sampled) - 1
+            layers = pending.get(req, ())
+            for i, layer in enumerate(layers):
+                (self.accepted_by_exit if i < accepted else self.rejected_by_exit)[layer] += 1
+            if self.per_request:
+                st = self.requests.setdefault(req, [0, 0])
+                st[0] += 1
+                st[1] += accepted
 
     def _report(self) -> None:
         print(f"[adadecode] drafting: {self.calls} calls, {self.seconds:.2f} s, "
@@ -77,6 +141,8 @@ class AdaDecodeProposer:
         else:
             heads = ExitHeads.identity(self.config.exit_layers, hidden_size)
         param = next(target_model.parameters())
+        self.dtype = param.dtype
+        self.transforms_dim = hidden_size
         # None = identity head (skip the matmul).
         self.transforms = {
             x: None if heads.is_identity(x) else heads.transforms[x].to(param.dtype)
@@ -103,7 +169,15 @@ class AdaDecodeProposer:
     @torch.inference_mode()
     def _propose(self, runner, sampled_token_ids: list[list[int]]) -> list[list[int]]:
         batch = patches.RunnerBatch(runner)
+        self._settle(batch, sampled_token_ids)
         out: list[list[int]] = [[] for _ in sampled_token_ids]
+        if self.governor is not None:
+            active = [s for s in sampled_token_ids if s]
+            if not active:
+                self.governor.idle()
+                return out
+            if not self.governor.decide(time.perf_counter(), sum(map(len, active)), len(active)):
+                return out
         drafting: list[_Draft] = []
         for row, sampled in enumerate(sampled_token_ids):
             # Sampled requests get no drafts: they are sampled exactly as without speculation.
@@ -120,6 +194,12 @@ class AdaDecodeProposer:
             drafting = [d for d in exited if len(d.drafted) < d.budget]
         for d in requests:
             out[d.row] = d.drafted
+            if d.drafted:
+                self._pending[batch.req_id(d.row)] = d.exit_layers
+                self.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
+                if self.config.deferred:
+                    first = d.position - len(d.drafted)
+                    self._states[batch.req_id(d.row)] = (first, d.depth, d.hidden, d.residual)
         return out
 
     def _draft_step(self, batch: "patches.RunnerBatch", drafting: list[_Draft]) -> list[_Draft]:
@@ -173,6 +253,7 @@ class AdaDecodeProposer:
                     d.residual.append(residual[end : end + 1])
                     d.depth.append(depth)
                     d.drafted.append(token[j])
+                    d.exit_layers.append(exit_layer)
                     d.token = token[j]
                     d.position += 1
                     exited.append(d)
@@ -187,6 +268,72 @@ class AdaDecodeProposer:
             alive = [alive[j] for j in still]
         return exited
 
+    # ---- deferred-layer verification ------------------------------------------
+    @torch.inference_mode()
+    def deferred_forward(self, runner, input_ids: torch.Tensor, positions: torch.Tensor):
+        """The target forward for a step that verifies drafts, skipping the
+        layers the drafter already ran; None when no scheduled token has a
+        drafted state (vLLM's own forward runs).
+
+        A request's scheduled tokens are its newest sampled token p, then its
+        drafts p+1..p+k. Positions p..p+k-1 were drafter inputs and carry a
+        depth (non-increasing with position, because earlier drafts are carried
+        as deep as later ones); p+k and every other request's tokens have depth
+        -1. Layer l runs the tokens with depth < l: per request a contiguous
+        suffix of its scheduled tokens, so each segment of layers gets attention
+        metadata (and KV writes) for exactly the tokens it processes.
+        """
+        states, self._states = self._states, {}
+        if not states:
+            return None
+        batch = patches.RunnerBatch(runner)
+        qsl = batch.query_start_loc().tolist()
+        n = qsl[-1]  # scheduled tokens (the input may be padded beyond them)
+        depth = [-1] * n
+        seeded: list[tuple[int, list, list]] = []
+        for row in range(batch.num_reqs):
+            st = states.get(batch.req_id(row))
+            if st is None:
+                continue
+            first, depths, hs, rs = st
+            start, end = qsl[row], qsl[row + 1]
+            k = end - start - 1  # drafts scheduled for verification
+            if k < 1 or k > len(depths) or int(positions[start]) != first:
+                continue  # scheduled otherwise than drafted: verify every layer
+            depth[start:start + k] = depths[:k]
+            seeded.append((start, hs[:k], rs[:k]))
+        if not seeded:
+            return None
+        L = len(self.layers)
+        hidden = torch.empty(n, self.transforms_dim, dtype=self.dtype)
+        residual = torch.empty_like(hidden)
+        for start, hs, rs in seeded:
+            hidden[start:start + len(hs)] = torch.cat(hs)
+            residual[start:start + len(rs)] = torch.cat(rs)
+        depth_t = torch.tensor(depth)
+        bounds = sorted({0, L} | {x + 1 for x in set(depth) if 0 <= x + 1 < L})
+        rows_of = torch.repeat_interleave(torch.arange(batch.num_reqs), torch.tensor(qsl).diff())
+        pos_all = positions[:n].to(torch.int64)
+        for a, b in zip(bounds, bounds[1:]):
+            idx = (depth_t < a).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            req_rows = rows_of[idx]
+            rows, counts = torch.unique_consecutive(req_rows, return_counts=True)
+            if a == 0:
+                h_in, r_in = patches.embed(self.model, input_ids[idx]), None
+            else:
+                h_in, r_in = hidden[idx], residual[idx]
+            h, r = batch.run_layers(
+                self.layers[a:b], h_in, r_in, positions=pos_all[idx].tolist(),
+                rows=rows.tolist(), query_lens=counts.tolist())
+            hidden[idx], residual[idx] = h, r
+        self.verify_layers_skipped += sum(x + 1 for x in depth if x >= 0)
+        out = patches.final_norm(self.model, hidden, residual)
+        if int(input_ids.shape[0]) > n:
+            out = torch.cat([out, out.new_zeros(int(input_ids.shape[0]) - n, out.shape[1])])
+        return out
+
     def _exit_logits(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor):
         transform = self.transforms[exit_layer]
         if transform is None:
@@ -195,3 +342,14 @@ class AdaDecodeProposer:
         else:
             normed = patches.final_norm(self.model, (hidden + residual) @ transform.T, None)
         return patches.compute_logits(self.model, normed)
+
+
+def merge_stats(per_worker: list[dict]) -> dict:
+    """Combine drafter counters from tensor-parallel workers.
+
+    Every TP rank drafts the same tokens, so counts are taken from the first
+    worker; time is the slowest worker's.
+    """
+    out = dict(per_worker[0])
+    out["draft_seconds"] = max(s["draft_seconds"] for s in per_worker)
+    return out

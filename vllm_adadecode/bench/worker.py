@@ -85,32 +85,59 @@ def _delta(after: dict, before: dict) -> dict:
     return d
 
 
-def execute(job: dict[str, Any]) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+def _start_engine(job: dict[str, Any], max_num_seqs: int):
+    from vllm import LLM
 
-    rss = _PeakRSS()
     kwargs = dict(
         model=job["model"],
         dtype=job.get("dtype", "float32"),
         max_model_len=job.get("max_model_len", 2048),
-        max_num_seqs=job.get("concurrency", 1),
+        max_num_seqs=max_num_seqs,
         seed=job.get("seed", 0),
         enforce_eager=job.get("enforce_eager", False),
         tensor_parallel_size=job.get("tensor_parallel_size", 1),
         disable_log_stats=False,
     )
+    for key in ("max_num_batched_tokens", "enable_prefix_caching", "block_size"):
+        if job.get(key) is not None:
+            kwargs[key] = job[key]
     if job.get("speculative_config"):
         kwargs["speculative_config"] = job["speculative_config"]
-    t0 = time.perf_counter()
-    llm = LLM(**kwargs)
-    startup = time.perf_counter() - t0
-    tok = llm.get_tokenizer()
-    texts = [
+    return LLM(**kwargs)
+
+
+def _chat(tok, prompts: list[str]) -> list[str]:
+    return [
         tok.apply_chat_template(
             [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
         )
-        for p in job["prompts"]
+        for p in prompts
     ]
+
+
+def _drafter_stats(llm) -> dict | None:
+    """The AdaDecode drafter's counters (summed over workers), reset on read."""
+    from ..patches import STATS_RPC
+
+    per_worker = [s for s in llm.collective_rpc(STATS_RPC) if s]
+    if not per_worker:
+        return None
+    from ..proposer import merge_stats
+
+    return merge_stats(per_worker)
+
+
+def execute(job: dict[str, Any]) -> dict[str, Any]:
+    if "runs" in job:
+        return execute_sweep(job)
+    from vllm import SamplingParams
+
+    rss = _PeakRSS()
+    t0 = time.perf_counter()
+    llm = _start_engine(job, job.get("concurrency", 1))
+    startup = time.perf_counter() - t0
+    tok = llm.get_tokenizer()
+    texts = _chat(tok, job["prompts"])
     max_tokens = job.get("max_tokens", 128)
     if job.get("sampling"):  # per-prompt SamplingParams fields, e.g. temperature, seed
         params = [SamplingParams(max_tokens=max_tokens, **s) for s in job["sampling"]]
@@ -119,10 +146,24 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("warmup", True):
         llm.generate(texts[:2], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     before = _counters(llm)
+    _drafter_stats(llm)  # reset
     t0 = time.perf_counter()
     outs = llm.generate(texts, params, use_tqdm=job.get("progress", True))
     elapsed = time.perf_counter() - t0
     counters = _delta(_counters(llm), before)
+    drafter = _drafter_stats(llm)
+    second = None
+    if job.get("second_round"):
+        # Continue every conversation from its own output: its blocks (written
+        # while verifying drafts) come back from the prefix cache when enabled.
+        from vllm.inputs import TokensPrompt
+
+        cont = [TokensPrompt(prompt_token_ids=list(o.prompt_token_ids) + list(
+            o.outputs[0].token_ids)) for o in outs]
+        outs2 = llm.generate(cont, SamplingParams(temperature=0.0, max_tokens=16),
+                             use_tqdm=False)
+        second = {"token_ids": [list(o.outputs[0].token_ids) for o in outs2],
+                  "prefix_cache_hit_tokens": sum(o.num_cached_tokens or 0 for o in outs2)}
     token_ids = [list(o.outputs[0].token_ids) for o in outs]
     n_out = sum(len(t) for t in token_ids)
     result = {
@@ -135,11 +176,106 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
             "return_prompt_ids") else None,
         "texts": [o.outputs[0].text for o in outs],
         "spec": counters,
+        "drafter": drafter,
+        "second_round": second,
         **acceptance_stats(counters, token_ids),
     }
     del llm
     result["peak_rss_mb"] = rss.stop() / 2**20
     return result
+
+
+def _generate_inflight(llm, prompts: list[str], params, concurrency: int, tag: str,
+                       progress: str | None) -> tuple[list[list[int]], list[float], float]:
+    """Keep ``concurrency`` requests in flight (as a server would under that load)
+    until every prompt is answered. Returns token ids and per-request latency."""
+    from tqdm import tqdm
+
+    engine = llm.llm_engine
+    n = len(prompts)
+    tokens: list[list[int] | None] = [None] * n
+    latency = [0.0] * n
+    index: dict[str, int] = {}
+    started: dict[int, float] = {}
+    bar = tqdm(total=n, desc=progress, unit="req", leave=False, disable=progress is None)
+    nxt = 0
+    t0 = time.perf_counter()
+    while nxt < n or engine.has_unfinished_requests():
+        while nxt < n and len(started) < concurrency:
+            ext = f"{tag}-{nxt}"
+            rid = engine.add_request(ext, prompts[nxt], params)
+            index[ext] = index[rid] = nxt  # outputs carry the external id
+            started[nxt] = time.perf_counter()
+            nxt += 1
+        for out in engine.step():
+            if out.finished:
+                i = index[out.request_id]
+                tokens[i] = list(out.outputs[0].token_ids)
+                latency[i] = time.perf_counter() - started.pop(i)
+                bar.update(1)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    return tokens, latency, elapsed, index
+
+
+def _per_prompt(requests: dict[str, list[int]], index: dict[str, int], n: int):
+    """Drafter per-request [steps, accepted] aligned with the prompts. Workers may
+    see vLLM's internal id (the external id plus a suffix)."""
+    out: list[list[int] | None] = [None] * n
+    for rid, st in requests.items():
+        i = index.get(rid)
+        if i is None:
+            i = next((j for ext, j in index.items() if rid.startswith(ext + "-")), None)
+        if i is not None:
+            out[i] = st
+    return out
+
+
+def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
+    """One engine, several runs: each run is a prompt list at one concurrency.
+
+    The engine's max_num_seqs is the largest concurrency; each run keeps its own
+    number of requests in flight. The prefix cache is reset before every run so
+    no run reuses another's prompts.
+    """
+    from vllm import SamplingParams
+
+    rss = _PeakRSS()
+    runs = job["runs"]
+    t0 = time.perf_counter()
+    llm = _start_engine(job, max(r["concurrency"] for r in runs))
+    startup = time.perf_counter() - t0
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 128),
+                            seed=job.get("seed", 0))
+    if job.get("warmup", True):
+        llm.generate(_chat(tok, runs[0]["prompts"][:2]),
+                     SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    _drafter_stats(llm)  # reset
+    results = []
+    for k, run in enumerate(runs):
+        texts = _chat(tok, run["prompts"])
+        llm.reset_prefix_cache()
+        before = _counters(llm)
+        tokens, latency, elapsed, index = _generate_inflight(
+            llm, texts, params, run["concurrency"], f"run{k}", run.get("progress"))
+        counters = _delta(_counters(llm), before)
+        n_out = sum(len(t) for t in tokens)
+        drafter = _drafter_stats(llm)
+        if drafter is not None:
+            drafter["per_prompt"] = _per_prompt(drafter.pop("requests"), index, len(tokens))
+        results.append({
+            "elapsed_s": elapsed,
+            "output_tokens": n_out,
+            "tokens_per_s": n_out / elapsed if elapsed > 0 else 0.0,
+            "token_ids": tokens,
+            "latency_s": latency,
+            "spec": counters,
+            "drafter": drafter,
+            **acceptance_stats(counters, tokens),
+        })
+    del llm
+    return {"startup_s": startup, "runs": results, "peak_rss_mb": rss.stop() / 2**20}
 
 
 def acceptance_stats(counters: dict, token_ids: list[list[int]]) -> dict[str, float]:
@@ -166,6 +302,7 @@ def run_job(job: dict[str, Any], *, log_path: str | None = None) -> dict[str, An
 
     env = runtime_env(tensor_parallel_size=job.get("tensor_parallel_size", 1))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env.setdefault("VLLM_ADADECODE_STATS", "1")  # per-request drafter counters
     with tempfile.TemporaryDirectory() as d:
         job_file, out_file = Path(d) / "job.json", Path(d) / "out.json"
         job_file.write_text(json.dumps(job))

@@ -1,0 +1,121 @@
+"""`vllm-adadecode bench` on the tiny model: a real short run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_adadecode.bench import harness as H
+
+from .conftest import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, tiny_llama, smollm2):
+    d = tmp_path_factory.mktemp("bench")
+    draft = build_tiny_llama(d / "draft-llama", smollm2, seed=1)
+    prompts = d / "prompts.jsonl"
+    lines = [
+        {"prompt": "Write a haiku about the sea.", "category": "writing"},
+        {"turns": ["List three prime numbers.", "And three more?"], "category": "math"},
+        {"prompt": "Tell me a story about a robot.", "category": "writing"},
+        {"turns": ["What is 12 times 12?"], "category": "math"},
+    ]
+    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out, png = d / "results.json", d / "results.png"
+    cmd = [sys.executable, "-m", "vllm_adadecode.cli", "bench", "--model", tiny_llama,
+           "--prompts", str(prompts), "--max-tokens", "16", "--concurrency", "1,2",
+           "--repeats", "1", "--enforce-eager", "--draft-model", str(draft),
+           "--method", "adadecode", "--method", 'adadecode={"threshold": 0.3}',
+           "--method", "ngram", "--out", str(out), "--plot", str(png),
+           "--log", str(d / "engines.log")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:] + (d / "engines.log").read_text()[-3000:]
+    return json.loads(out.read_text()), proc.stdout, png
+
+
+def test_bench_json_has_every_field(bench_run):
+    doc, stdout, png = bench_run
+    assert doc["schema"] == H.SCHEMA
+    labels = [m["label"] for m in doc["methods"]]
+    assert labels == ["vanilla", "adadecode", "adadecode[threshold=0.3]", "ngram", "draft_model"]
+    assert doc["settings"]["concurrency"] == [1, 2] and doc["settings"]["max_tokens"] == 16
+    res = doc["results"]
+    assert len(res) == len(labels) * 2  # every method at both concurrencies
+    for r in res:
+        for key in ("tokens_per_s", "speedup", "speedup_min", "speedup_max", "tokens_per_step",
+                    "identical_to_vanilla", "peak_rss_mb", "output_tokens", "categories"):
+            assert r[key] is not None, (r["method"], key)
+        assert set(r["categories"]) == {"math", "writing"}
+        assert r["output_tokens"] > 0 and r["peak_rss_mb"] > 100
+    van = [r for r in res if r["method"] == "vanilla"]
+    assert all(r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 for r in van)
+    assert all(r["layer_evals_per_token"] == {"vanilla": 6.0} for r in van)
+    for r in res:  # greedy speculation is lossless: every method matches vanilla
+        assert r["identical_to_vanilla"] == 1.0, r["method"]
+    ada = [r for r in res if r["kind"] == "adadecode"]
+    assert all(r["exit_histogram"] is not None for r in ada)
+    # the low threshold drafts, and some drafts are rejected on the random model
+    low = [r for r in ada if "threshold" in r["method"]]
+    assert sum(sum(r["exit_histogram"]["rejected"].values()) for r in low) > 0
+    assert sum(r["acceptance_rate"] for r in low) > 0
+    for r in low:
+        le = r["layer_evals_per_token"]
+        assert le["deferred"] < le["recompute"]
+    assert "== prompts.jsonl, concurrency 2" in stdout and "draft_model" in stdout
+    assert png.stat().st_size > 10_000
+
+
+def test_exit_histogram_counts_match_vllm_draft_counters(bench_run):
+    doc, _, _ = bench_run
+    for r in doc["results"]:
+        h = r["exit_histogram"]
+        if not h:
+            continue
+        drafted = sum(h["accepted"].values()) + sum(h["rejected"].values())
+        accepted = sum(h["accepted"].values())
+        # the drafter's own accounting agrees with vLLM's acceptance counters
+        assert drafted > 0 or r["acceptance_rate"] == 0
+        if drafted:
+            assert abs(accepted / drafted - r["acceptance_rate"]) < 1e-9
+
+
+def test_parity_is_measured_against_vanilla():
+    """A method whose outputs differ from vanilla's is reported as such."""
+    from vllm_adadecode.prompts import Prompt
+
+    ps = [Prompt("a", "a", "c1"), Prompt("b", "b", "c2")]
+    methods = [H.Method("vanilla", "vanilla", None), H.Method("ngram", "ngram", {})]
+
+    def run(tokens, tps):
+        return {"tokens_per_s": tps, "elapsed_s": 1.0, "output_tokens": 6, "token_ids": tokens,
+                "latency_s": [1.0, 1.0], "spec": {"num_accepted_tokens": 0,
+                                                  "num_draft_tokens": 0},
+                "tokens_per_step": 1.0, "acceptance_rate": 0.0, "drafter": None}
+
+    runs = [{"vanilla": run([[1, 2, 3], [4, 5, 6]], 10.0),
+             "ngram": run([[1, 2, 3], [4, 5, 7]], 15.0)}]
+    recs = H.summarise("d", 1, ps, methods, runs, {"vanilla": 1.0, "ngram": 1.0}, num_layers=6)
+    ngram = recs[1]
+    assert ngram["identical_to_vanilla"] == 0.5 and ngram["speedup"] == 1.5
+    assert ngram["categories"]["c1"]["identical_to_vanilla"] == 1.0
+    assert ngram["categories"]["c2"]["identical_to_vanilla"] == 0.0
+
+
+@pytest.mark.parametrize("bad, field", [
+    ("medusa", "--method"), ('adadecode={"threshold": ', "--method"), ("draft_model", "draft"),
+    ('vanilla={"a": 1}', "vanilla"),
+])
+def test_bad_methods_name_the_flag(bad, field):
+    with pytest.raises(H.BenchError, match=field):
+        H.parse_method(bad)
+
+
+def test_bad_concurrency_and_dataset_are_refused():
+    with pytest.raises(H.BenchError, match="--concurrency"):
+        H.parse_concurrency("1,0")
+    with pytest.raises(H.BenchError, match="--dataset"):
+        H.load_datasets(["gsm8k"], None, 4)

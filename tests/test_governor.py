@@ -1,0 +1,55 @@
+"""The back-off governor, driven by a simulated clock."""
+
+from vllm_adadecode.governor import Governor
+
+
+def simulate(gov: Governor, steps: int, batch: int, step_s: dict[bool, float],
+             tokens: dict[bool, int], t: float = 0.0) -> tuple[list[bool], float]:
+    """Each decision costs step_s[choice] of wall time and emits tokens[choice]."""
+    choices = []
+    emitted = 0
+    for _ in range(steps):
+        choice = gov.decide(t, emitted, batch)
+        choices.append(choice)
+        t += step_s[choice]
+        emitted = tokens[choice] * batch
+    return choices, t
+
+
+def test_keeps_drafting_where_it_pays():
+    gov = Governor(explore_every=16)
+    # drafting: 60 ms per step, 2 tokens; not drafting: 40 ms, 1 token
+    choices, _ = simulate(gov, 200, 1, {True: 0.06, False: 0.04}, {True: 2, False: 1})
+    assert sum(choices[20:]) / len(choices[20:]) > 0.9
+    assert not all(choices[20:])  # still re-checks the other choice
+
+
+def test_backs_off_where_drafting_loses():
+    gov = Governor(explore_every=16)
+    # under load: drafting makes the step 2x slower for 1.3x the tokens
+    choices, _ = simulate(gov, 200, 16, {True: 0.4, False: 0.2}, {True: 13, False: 10})
+    late = choices[20:]
+    assert sum(late) / len(late) < 0.1
+    assert any(late)  # exploration continues
+    s = gov.summary()["16-31"]
+    assert s["tokens_per_s_not_drafting"] > s["tokens_per_s_drafting"]
+
+
+def test_buckets_are_decided_separately():
+    gov = Governor(explore_every=16)
+    t = 0.0
+    _, t = simulate(gov, 100, 1, {True: 0.06, False: 0.04}, {True: 2, False: 1}, t)
+    gov.idle()
+    big, t = simulate(gov, 100, 16, {True: 0.4, False: 0.2}, {True: 13, False: 10}, t + 100)
+    gov.idle()
+    small, _ = simulate(gov, 40, 1, {True: 0.06, False: 0.04}, {True: 2, False: 1}, t + 100)
+    assert sum(big[20:]) < 10 and sum(small[1:]) > 30
+
+
+def test_idle_gaps_are_not_steps():
+    gov = Governor(max_gap_s=5.0)
+    gov.decide(0.0, 0, 1)
+    gov.decide(100.0, 1, 1)  # 100 s gap: the engine was idle
+    assert gov.rate(1, True) is None
+    gov.decide(100.05, 2, 1)
+    assert gov.rate(1, False) is not None or gov.rate(1, True) is not None

@@ -1,0 +1,429 @@
+"""``vllm-adadecode bench``: speculative methods side by side, Spec-Bench style.
+
+Every method runs on the same model, prompts and settings, one engine at a
+time (each in its own child process), and the whole list of methods is run
+``repeats`` times in the same order, so each method's ratio to vanilla is
+measured against the vanilla run next to it and drift between repeats shows
+as a spread. One engine per method serves every dataset and concurrency of
+the sweep (its prefix cache is reset between runs).
+
+The JSON written by ``--out`` is documented in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SCHEMA = "vllm-adadecode-bench/1"
+METHODS = ("vanilla", "adadecode", "ngram", "draft_model")
+NGRAM_DEFAULTS = {"num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+DRAFT_MODEL_DEFAULTS = {"num_speculative_tokens": 5}
+
+
+class BenchError(ValueError):
+    pass
+
+
+@dataclass
+class Method:
+    label: str
+    kind: str  # one of METHODS
+    speculative_config: dict | None
+
+
+def parse_method(text: str, draft_model: str | None = None) -> Method:
+    """``NAME`` or ``NAME=JSON`` where NAME is one of METHODS and JSON holds
+    speculative-config fields, e.g. ``adadecode={"threshold": 0.6}``."""
+    name, _, extra_text = text.partition("=")
+    name = name.strip()
+    if name not in METHODS:
+        raise BenchError(f"--method: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    try:
+        extra = json.loads(extra_text) if extra_text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise BenchError(f"--method {name}: settings must be a JSON object ({e})") from None
+    if not isinstance(extra, dict):
+        raise BenchError(f"--method {name}: settings must be a JSON object, got {extra_text!r}")
+    extra.pop("method", None)
+    label = name
+    if extra:
+        label += "[" + ",".join(f"{k}={_short(v)}" for k, v in extra.items()) + "]"
+    if name == "vanilla":
+        if extra:
+            raise BenchError("--method vanilla takes no settings")
+        return Method(label, name, None)
+    if name == "adadecode":
+        return Method(label, name, {"method": "adadecode", **extra})
+    if name == "ngram":
+        return Method(label, name, {"method": "ngram", **NGRAM_DEFAULTS, **extra})
+    model = extra.pop("model", None) or draft_model
+    if not model:
+        raise BenchError('--method draft_model needs a draft model: --draft-model PATH or '
+                         'draft_model={"model": PATH}')
+    return Method(label, name, {"method": "draft_model", **DRAFT_MODEL_DEFAULTS, **extra,
+                                "model": model})
+
+
+def _short(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":")).strip('"')
+
+
+def parse_concurrency(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"--concurrency must be comma-separated integers, got {text!r}") from None
+    if not out or any(c < 1 for c in out):
+        raise BenchError(f"--concurrency values must be >= 1, got {text!r}")
+    return out
+
+
+def spread(prompts: list, n: int | None) -> list:
+    """The first ``n`` prompts, taken round-robin over categories."""
+    by_cat: dict[str, list] = defaultdict(list)
+    for p in prompts:
+        by_cat[p.category].append(p)
+    out = []
+    groups = list(by_cat.values())
+    i = 0
+    while any(i < len(g) for g in groups):
+        out.extend(g[i] for g in groups if i < len(g))
+        i += 1
+    return out if n is None else out[:n]
+
+
+def load_datasets(names: list[str], prompts_file: str | None, n: int | None) -> dict[str, list]:
+    from .. import prompts as P
+
+    sets: dict[str, list] = {}
+    for name in names:
+        if name not in P.DATASETS:
+            raise BenchError(f"--dataset: unknown dataset {name!r}; choose from "
+                             f"{', '.join(sorted(P.DATASETS))}")
+        sets[name] = spread(P.load(name, "eval"), n)
+    if prompts_file:
+        sets[os.path.basename(prompts_file)] = spread(P.from_jsonl(prompts_file), n)
+    if not sets:
+        raise BenchError("give --dataset and/or --prompts")
+    for name, ps in sets.items():
+        if not ps:
+            raise BenchError(f"prompt set {name!r} is empty")
+    return sets
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+def run(*, model: str, methods: list[Method], datasets: dict[str, list],
+        concurrency: list[int], max_tokens: int, dtype: str, seed: int, repeats: int,
+        enforce_eager: bool = False, log_path: str | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Run every method ``repeats`` times; return the results document."""
+    from tqdm import tqdm
+
+    from .worker import run_job
+
+    methods = [Method("vanilla", "vanilla", None)] + [m for m in methods if m.kind != "vanilla"]
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise BenchError(f"two methods share a label: {labels}")
+    plan = [(d, c) for d in datasets for c in concurrency]
+    raw: list[dict[str, dict]] = []
+    t_start = time.time()
+    bar = tqdm(total=repeats * len(methods), desc="bench", unit="engine", disable=not progress)
+    for r in range(repeats):
+        raw.append({})
+        for m in methods:
+            bar.set_postfix_str(f"repeat {r + 1}/{repeats}: {m.label}")
+            job = dict(
+                model=model, dtype=dtype, seed=seed, max_tokens=max_tokens,
+                enforce_eager=enforce_eager, speculative_config=m.speculative_config,
+                runs=[dict(prompts=[p.text for p in datasets[d]], concurrency=c,
+                           progress=f"{m.label} {d} c={c}") for d, c in plan],
+            )
+            raw[r][m.label] = run_job(job, log_path=log_path)
+            bar.update(1)
+    bar.close()
+    doc = {
+        "schema": SCHEMA,
+        "machine": machine_info(),
+        "settings": dict(model=model, datasets={d: len(ps) for d, ps in datasets.items()},
+                         concurrency=concurrency, max_tokens=max_tokens, dtype=dtype, seed=seed,
+                         repeats=repeats, enforce_eager=enforce_eager,
+                         wall_s=round(time.time() - t_start, 1)),
+        "methods": [asdict(m) for m in methods],
+        "results": [],
+    }
+    for i, (d, c) in enumerate(plan):
+        runs = [{m.label: raw[r][m.label]["runs"][i] for m in methods} for r in range(repeats)]
+        peaks = {m.label: max(raw[r][m.label]["peak_rss_mb"] for r in range(repeats))
+                 for m in methods}
+        doc["results"].extend(summarise(d, c, datasets[d], methods, runs, peaks,
+                                        num_layers=_num_layers(model)))
+    return doc
+
+
+def _num_layers(model: str) -> int | None:
+    try:
+        cfg = json.loads(open(os.path.join(model, "config.json")).read())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("text_config", cfg).get("num_hidden_layers")
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                                   / 2**30, 1)
+    except (OSError, ValueError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("vllm", "torch", "vllm-adadecode"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+# ---------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _layer_evals(run: dict, kind: str, L: int | None) -> dict[str, float] | None:
+    """Target decoder-layer token evaluations per decoded token (prefill excluded).
+
+    vanilla: L. ``measured``: what ran. With speculation the verification pass
+    runs every layer for each request's newest token and for each draft, minus
+    the layers deferred verification skipped; AdaDecode's drafter adds the
+    layers it ran. For AdaDecode, ``recompute`` is that cost when verification
+    recomputes every layer and ``deferred`` the prediction, from the drafted
+    depths, when each draft runs only the layers after its depth.
+    draft_model's own model is not counted (None).
+    """
+    decoded = sum(max(0, len(t) - 1) for t in run["token_ids"])
+    dr = run.get("drafter")
+    L = dr["num_layers"] if dr else L
+    if not decoded or not L or kind == "draft_model":
+        return None
+    if kind == "vanilla":
+        return {"vanilla": float(L)}
+    steps = decoded - run["spec"].get("num_accepted_tokens", 0)
+    drafts = run["spec"].get("num_draft_tokens", 0)
+    if not dr:  # ngram: drafting runs no layers
+        return {"measured": L * (steps + drafts) / decoded}
+    draft = dr["draft_layer_evals"]
+    return {
+        "measured": (draft + L * (steps + drafts) - dr.get("verify_layers_skipped", 0)) / decoded,
+        "recompute": (draft + L * (steps + drafts)) / decoded,
+        "deferred": (draft + L * steps + dr["deferred_layer_evals"]) / decoded,
+    }
+
+
+def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Method],
+              runs: list[dict[str, dict]], peaks: dict[str, float],
+              num_layers: int | None = None) -> list[dict]:
+    """One record per method for this (dataset, concurrency)."""
+    out = []
+    cats = sorted({p.category for p in prompts})
+    for m in methods:
+        reps = []
+        for by_label in runs:
+            run, van = by_label[m.label], by_label["vanilla"]
+            reps.append({
+                "tokens_per_s": run["tokens_per_s"],
+                "elapsed_s": run["elapsed_s"],
+                "output_tokens": run["output_tokens"],
+                "speedup": run["tokens_per_s"] / van["tokens_per_s"],
+                "identical_to_vanilla": _identical(run["token_ids"], van["token_ids"]),
+            })
+        speedups = [x["speedup"] for x in reps]
+        evals = [e for e in (_layer_evals(by[m.label], m.kind, num_layers) for by in runs) if e]
+        out.append({
+            "dataset": dataset,
+            "concurrency": concurrency,
+            "method": m.label,
+            "kind": m.kind,
+            "num_prompts": len(prompts),
+            "repeats": reps,
+            "output_tokens": _mean([x["output_tokens"] for x in reps]),
+            "tokens_per_s": _mean([x["tokens_per_s"] for x in reps]),
+            "speedup": _mean(speedups),
+            "speedup_min": min(speedups),
+            "speedup_max": max(speedups),
+            "identical_to_vanilla": min(x["identical_to_vanilla"] for x in reps),
+            "tokens_per_step": _mean([by[m.label]["tokens_per_step"] for by in runs]),
+            "acceptance_rate": (None if m.kind == "vanilla" else
+                                _mean([by[m.label]["acceptance_rate"] for by in runs])),
+            "peak_rss_mb": peaks[m.label],
+            "layer_evals_per_token": ({k: _mean([e[k] for e in evals]) for k in evals[0]}
+                                      if evals else None),
+            "exit_histogram": _exit_histogram([by[m.label].get("drafter") for by in runs]),
+            "backoff": [(by[m.label].get("drafter") or {}).get("backoff") for by in runs]
+            if m.kind == "adadecode" else None,
+            "categories": {c: _category(runs, m, prompts, c) for c in cats},
+        })
+    return out
+
+
+def _identical(a: list[list[int]], b: list[list[int]]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+
+
+def _exit_histogram(drafters: list[dict | None]) -> dict[str, dict[str, int]] | None:
+    drafters = [d for d in drafters if d]
+    if not drafters:
+        return None
+    acc: dict[str, int] = defaultdict(int)
+    rej: dict[str, int] = defaultdict(int)
+    for d in drafters:
+        for k, v in d["accepted_by_exit"].items():
+            acc[k] += v
+        for k, v in d["rejected_by_exit"].items():
+            rej[k] += v
+    layers = sorted(set(acc) | set(rej), key=int)
+    return {"accepted": {k: acc[k] for k in layers}, "rejected": {k: rej[k] for k in layers}}
+
+
+def _category(runs: list[dict[str, dict]], m: Method, prompts: list, cat: str) -> dict:
+    idx = [i for i, p in enumerate(prompts) if p.category == cat]
+    rates, speedups, same, tps = [], [], [], []
+    for by in runs:
+        run, van = by[m.label], by["vanilla"]
+        rate = _rate(run, idx)
+        rates.append(rate)
+        speedups.append(rate / _rate(van, idx) if _rate(van, idx) else None)
+        same.append(_identical([run["token_ids"][i] for i in idx],
+                               [van["token_ids"][i] for i in idx]))
+        dr = run.get("drafter")
+        if m.kind == "vanilla":
+            tps.append(1.0)
+        elif dr and dr.get("per_prompt"):
+            tps.append(_tokens_per_step([dr["per_prompt"][i] for i in idx]))
+    return {"num_prompts": len(idx), "tokens_per_s": _mean(rates), "speedup": _mean(speedups),
+            "tokens_per_step": _mean(tps), "identical_to_vanilla": min(same)}
+
+
+def _rate(run: dict, idx: list[int]) -> float:
+    """Output tokens per second of request latency (equals throughput at concurrency 1)."""
+    toks = sum(len(run["token_ids"][i]) for i in idx)
+    secs = sum(run["latency_s"][i] for i in idx)
+    return toks / secs if secs > 0 else 0.0
+
+
+def _tokens_per_step(per_prompt: list[list[int] | None]) -> float | None:
+    """Decoded tokens per decode step from the drafter's [steps, accepted] per
+    request (the first step of a request is its prefill)."""
+    steps = sum(max(0, s[0] - 1) for s in per_prompt if s)
+    accepted = sum(s[1] for s in per_prompt if s)
+    return (steps + accepted) / steps if steps else None
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+def _fmt(x: float | None, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def format_table(doc: dict) -> str:
+    """The results as plain-text tables: one block per dataset and concurrency."""
+    lines = []
+    reps = doc["settings"]["repeats"]
+    head = (f"{'method':<34} {'tok/s':>7} {'speedup':>8} {'range':>11} {'tok/step':>8} "
+            f"{'accept':>6} {'identical':>9} {'layers/tok':>10} {'peak MB':>8}")
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in doc["results"]:
+        groups[(rec["dataset"], rec["concurrency"])].append(rec)
+    for (dataset, conc), recs in groups.items():
+        lines.append(f"\n== {dataset}, concurrency {conc}, {recs[0]['num_prompts']} prompts, "
+                     f"{reps} repeat(s) ==")
+        lines.append(head)
+        for r in recs:
+            le = r["layer_evals_per_token"] or {}
+            layers = le.get("vanilla") or le.get("measured")
+            rng = (f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if reps > 1 else "")
+            lines.append(
+                f"{r['method'][:34]:<34} {r['tokens_per_s']:>7.2f} {r['speedup']:>7.2f}x "
+                f"{rng:>11} {r['tokens_per_step']:>8.2f} {_fmt(r['acceptance_rate'], '.2f'):>6} "
+                f"{r['identical_to_vanilla'] * 100:>8.0f}% {_fmt(layers, '.1f'):>10} "
+                f"{r['peak_rss_mb']:>8.0f}")
+        for r in recs:
+            h = r["exit_histogram"]
+            if h and (h["accepted"] or h["rejected"]):
+                parts = [f"L{k}: {h['accepted'][k]}/{h['accepted'][k] + h['rejected'][k]}"
+                         for k in h["accepted"]]
+                lines.append(f"  {r['method']} exits (accepted/drafted): {', '.join(parts)}")
+            le = r["layer_evals_per_token"] or {}
+            if le.get("deferred") is not None:
+                lines.append(f"  {r['method']} layer evals per token: {le['measured']:.1f} "
+                             f"measured; predicted {le['recompute']:.1f} with recomputation, "
+                             f"{le['deferred']:.1f} with deferred verification")
+        cats = list(recs[0]["categories"])
+        if len(cats) > 1:
+            lines.append("  speedup by category (request latency):")
+            lines.append("  " + f"{'method':<32}" + "".join(f"{c[:10]:>11}" for c in cats))
+            for r in recs[1:]:
+                lines.append("  " + f"{r['method'][:32]:<32}" + "".join(
+                    f"{_fmt(r['categories'][c]['speedup'], '.2f'):>10}x" for c in cats))
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: str) -> None:
+    """Speedup and accepted tokens per step, per method and category, one column
+    per concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concs = doc["settings"]["concurrency"]
+    methods = [m["label"] for m in doc["methods"]]
+    fig, axes = plt.subplots(2, len(concs), figsize=(5.5 * len(concs), 7), squeeze=False)
+    for j, conc in enumerate(concs):
+        recs = [r for r in doc["results"] if r["concurrency"] == conc]
+        groups: list[tuple[str, dict[str, dict]]] = []
+        for dataset in doc["settings"]["datasets"]:
+            by_m = {r["method"]: r for r in recs if r["dataset"] == dataset}
+            if not by_m:
+                continue
+            groups.append((dataset, {m: by_m[m] for m in methods}))
+            cats = list(next(iter(by_m.values()))["categories"])
+            if len(cats) > 1:
+                for c in cats:
+                    groups.append((f"{dataset}/{c}",
+                                   {m: {**by_m[m]["categories"][c]} for m in methods}))
+        width = 0.8 / max(1, len(methods))
+        for row, key, title in ((0, "speedup", "speedup over vanilla (tokens/s)"),
+                                (1, "tokens_per_step", "accepted tokens per step")):
+            ax = axes[row][j]
+            for k, m in enumerate(methods):
+                vals = [g[m].get(key) or 0.0 for _, g in groups]
+                ax.bar([i + k * width for i in range(len(groups))], vals, width, label=m)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
+            ax.set_xticklabels([g for g, _ in groups], rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{title}, concurrency {conc}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{os.path.basename(doc['settings']['model'])}, {doc['settings']['dtype']}, "
+                 f"{doc['settings']['max_tokens']} new tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
