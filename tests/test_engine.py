@@ -59,6 +59,15 @@ def test_tensor_parallel_2_gives_the_same_tokens(engine, tiny_llama):
     assert two["spec"]["num_draft_tokens"] > 0
 
 
+def test_tensor_parallel_2_with_back_off(engine, tiny_llama):
+    """Both ranks follow rank 0's back-off decision (drafting runs collectives)."""
+    one = _tiny(engine, tiny_llama, speculative_config=TINY_SPEC)
+    two = _tiny(engine, tiny_llama, speculative_config={**TINY_SPEC, "adaptive": True},
+                tensor_parallel_size=2)
+    assert two["token_ids"] == one["token_ids"]
+    assert two["drafter"]["backoff"]
+
+
 SMOL32 = [p.text for p in mixed(32)]
 
 

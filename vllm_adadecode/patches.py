@@ -302,6 +302,19 @@ def compute_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.compute_logits(hidden)
 
 
+def tp_agree(flag: bool) -> bool:
+    """Tensor-parallel rank 0's ``flag`` on every rank (ranks time themselves
+    separately, but must all draft, or all not, since drafting runs collectives)."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=group.device)
+    group.broadcast(t, src=0)
+    return bool(t.item())
+
+
 class RunnerBatch:
     """The runner's input batch as the drafter sees it, and layer execution
     inside vLLM's forward context with the target's own paged KV cache."""

@@ -176,7 +176,8 @@ class AdaDecodeProposer:
             if not active:
                 self.governor.idle()
                 return out
-            if not self.governor.decide(time.perf_counter(), sum(map(len, active)), len(active)):
+            go = self.governor.decide(time.perf_counter(), sum(map(len, active)), len(active))
+            if not patches.tp_agree(go):
                 return out
         drafting: list[_Draft] = []
         for row, sampled in enumerate(sampled_token_ids):

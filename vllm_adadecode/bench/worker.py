@@ -309,7 +309,8 @@ def run_job(job: dict[str, Any], *, log_path: str | None = None) -> dict[str, An
         cmd = [sys.executable, "-m", "vllm_adadecode.bench.worker", str(job_file), str(out_file)]
         log = open(log_path, "a") if log_path else None
         try:
-            proc = subprocess.run(cmd, env=env, stdout=log or None, stderr=log or None)
+            proc = subprocess.run(cmd, env=env, stdout=log or None, stderr=log or None,
+                                  timeout=job.get("timeout_s", 3600))
         finally:
             if log:
                 log.close()
