@@ -29,7 +29,9 @@ def bench_run(tmp_path_factory, tiny_llama, smollm2):
     cmd = [sys.executable, "-m", "vllm_adadecode.cli", "bench", "--model", tiny_llama,
            "--prompts", str(prompts), "--max-tokens", "16", "--concurrency", "1,2",
            "--repeats", "1", "--enforce-eager", "--draft-model", str(draft),
-           "--method", "adadecode", "--method", 'adadecode={"threshold": 0.3}',
+           "--method", "adadecode",
+           # drafting on every step (no back-off) at a low threshold: kept and rejected drafts
+           "--method", 'adadecode={"exit_layers": [1, 3, 5], "threshold": 0.005, "adaptive": false}',
            "--method", "ngram", "--out", str(out), "--plot", str(png),
            "--log", str(d / "engines.log")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -41,7 +43,8 @@ def test_bench_json_has_every_field(bench_run):
     doc, stdout, png = bench_run
     assert doc["schema"] == H.SCHEMA
     labels = [m["label"] for m in doc["methods"]]
-    assert labels == ["vanilla", "adadecode", "adadecode[threshold=0.3]", "ngram", "draft_model"]
+    low_label = "adadecode[exit_layers=[1,3,5],threshold=0.005,adaptive=false]"
+    assert labels == ["vanilla", "adadecode", low_label, "ngram", "draft_model"]
     assert doc["settings"]["concurrency"] == [1, 2] and doc["settings"]["max_tokens"] == 16
     res = doc["results"]
     assert len(res) == len(labels) * 2  # every method at both concurrencies
@@ -59,7 +62,7 @@ def test_bench_json_has_every_field(bench_run):
     ada = [r for r in res if r["kind"] == "adadecode"]
     assert all(r["exit_histogram"] is not None for r in ada)
     # the low threshold drafts, and some drafts are rejected on the random model
-    low = [r for r in ada if "threshold" in r["method"]]
+    low = [r for r in ada if r["method"] == low_label]
     assert sum(sum(r["exit_histogram"]["rejected"].values()) for r in low) > 0
     assert sum(r["acceptance_rate"] for r in low) > 0
     for r in low:
