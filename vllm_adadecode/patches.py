@@ -198,8 +198,7 @@ def install_runner_hooks() -> None:
                        inputs_embeds=None, **model_kwargs):
         # Deferred-layer verification: the drafter runs the forward itself when
         # this step verifies drafts whose first layers it already ran.
-        forward = getattr(self.drafter, "deferred_forward", None) if hasattr(
-            self, "drafter") else None
+        forward = getattr(getattr(self, "drafter", None), "deferred_forward", None)
         if (forward is not None and input_ids is not None and intermediate_tensors is None
                 and inputs_embeds is None and not model_kwargs):
             out = forward(self, input_ids, positions)

@@ -142,7 +142,7 @@ class AdaDecodeProposer:
             heads = ExitHeads.identity(self.config.exit_layers, hidden_size)
         param = next(target_model.parameters())
         self.dtype = param.dtype
-        self.transforms_dim = hidden_size
+        self.hidden_size = hidden_size
         # None = identity head (skip the matmul).
         self.transforms = {
             x: None if heads.is_identity(x) else heads.transforms[x].to(param.dtype)
@@ -306,7 +306,7 @@ class AdaDecodeProposer:
         if not seeded:
             return None
         L = len(self.layers)
-        hidden = torch.empty(n, self.transforms_dim, dtype=self.dtype)
+        hidden = torch.empty(n, self.hidden_size, dtype=self.dtype)
         residual = torch.empty_like(hidden)
         for start, hs, rs in seeded:
             hidden[start:start + len(hs)] = torch.cat(hs)

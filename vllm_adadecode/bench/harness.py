@@ -160,12 +160,13 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         "methods": [asdict(m) for m in methods],
         "results": [],
     }
+    peaks = {m.label: max(raw[r][m.label]["peak_rss_mb"] for r in range(repeats))
+             for m in methods}
+    num_layers = _num_layers(model)
     for i, (d, c) in enumerate(plan):
         runs = [{m.label: raw[r][m.label]["runs"][i] for m in methods} for r in range(repeats)]
-        peaks = {m.label: max(raw[r][m.label]["peak_rss_mb"] for r in range(repeats))
-                 for m in methods}
         doc["results"].extend(summarise(d, c, datasets[d], methods, runs, peaks,
-                                        num_layers=_num_layers(model)))
+                                        num_layers=num_layers))
     return doc
 
 

@@ -116,7 +116,7 @@ def _chat(tok, prompts: list[str]) -> list[str]:
 
 
 def _drafter_stats(llm) -> dict | None:
-    """The AdaDecode drafter's counters (summed over workers), reset on read."""
+    """The AdaDecode drafter's counters (tensor-parallel ranks merged), reset on read."""
     from ..patches import STATS_RPC
 
     per_worker = [s for s in llm.collective_rpc(STATS_RPC) if s]
@@ -186,9 +186,10 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _generate_inflight(llm, prompts: list[str], params, concurrency: int, tag: str,
-                       progress: str | None) -> tuple[list[list[int]], list[float], float]:
+                       progress: str | None):
     """Keep ``concurrency`` requests in flight (as a server would under that load)
-    until every prompt is answered. Returns token ids and per-request latency."""
+    until every prompt is answered. Returns token ids, per-request latency, wall
+    seconds and the request-id -> prompt-index map."""
     from tqdm import tqdm
 
     engine = llm.llm_engine
