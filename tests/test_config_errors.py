@@ -31,6 +31,7 @@ def _start(model, spec, **kw):
         ({"exit_layers": [2, 2]}, r"'exit_layers' must be strictly increasing"),
         ({"num_speculative_tokens": 0}, r"'num_speculative_tokens' must be an integer >= 1"),
         ({"adaptive": "yes"}, r"'adaptive' must be true or false"),
+        ({"shortlist": 1}, r"'shortlist' must be true or false"),
     ],
 )
 def test_bad_setting_fails_at_engine_start(tiny_llama, spec, message):
@@ -133,7 +134,8 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
     assert cfg.speculative_config.method == "custom_class"
     assert cfg.additional_config["adadecode"] == {
         "exit_layers": [1, 3], "threshold": 0.5, "num_speculative_tokens": 4, "heads": None,
-        "adaptive": True, "deferred": False}
+        "adaptive": True, "deferred": False,
+        "shortlist": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
 
 

@@ -4,6 +4,9 @@ Every engine runs in a child process (one at a time); identical jobs are shared
 between tests through the session-scoped ``engine`` fixture.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 
 from vllm_adadecode.prompts import mixed
@@ -110,6 +113,18 @@ def test_deferred_verification_tiny_parity_and_layer_savings(engine, tiny_llama)
     drafted_positions = d["verify_layers_skipped"] + d["deferred_layer_evals"]
     assert drafted_positions % L == 0
     assert drafted_positions // L == spec["num_draft_tokens"]
+    # last attempts without a confident exit were resumed, not run again
+    assert d["attempt_layers_reused"] > 0 and rec["drafter"]["attempt_layers_reused"] == 0
+
+
+def test_compiled_drafter_and_deferred_forward_match_compiled_vanilla(engine, tiny_llama):
+    """Without enforce_eager the drafter's layer segments and the deferred
+    forward run as torch.compile graphs, like vLLM's own forward."""
+    van = _tiny(engine, tiny_llama, enforce_eager=False)
+    dfr = _tiny(engine, tiny_llama, speculative_config=DEFERRED, enforce_eager=False)
+    assert dfr["token_ids"] == van["token_ids"]
+    assert 0 < dfr["spec"]["num_accepted_tokens"] < dfr["spec"]["num_draft_tokens"]
+    assert dfr["drafter"]["compiled_segments"] > 0
 
 
 def test_deferred_verification_mixed_batch_with_prefills(engine, tiny_llama):
@@ -157,3 +172,43 @@ def test_deferred_verification_smollm2_32_prompts_identical(engine, smollm2):
     assert all(same), f"{same.count(False)} of 32 outputs differ"
     assert dfr["spec"]["num_accepted_tokens"] > 100
     assert dfr["drafter"]["verify_layers_skipped"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_shortlist_heads(tiny_llama, tmp_path_factory):
+    """Identity heads at TINY_SPEC's layers, with the whole vocabulary and with
+    half of it as shortlist."""
+    import torch
+
+    from vllm_adadecode.heads import ExitHeads, base_model_fingerprint
+
+    cfg = json.loads((Path(tiny_llama) / "config.json").read_text())
+    root = tmp_path_factory.mktemp("shortlist")
+    out = {}
+    for name, ids in (("all", torch.arange(cfg["vocab_size"])),
+                      ("half", torch.arange(0, cfg["vocab_size"], 2))):
+        heads = ExitHeads.identity(TINY_SPEC["exit_layers"], cfg["hidden_size"],
+                                   base_model_fingerprint=base_model_fingerprint(tiny_llama))
+        heads.shortlist = ids
+        out[name] = str(heads.save(root / name))
+    return out
+
+
+def test_shortlist_screen_keeps_every_exit_decision(engine, tiny_llama, tiny_shortlist_heads):
+    """Screening on a shortlist that holds the whole vocabulary changes no exit
+    decision (the same drafts as the full LM head) while sending only the rows
+    that pass the screen to the full LM head; a half-vocabulary shortlist still
+    gives vanilla's tokens."""
+    van = _tiny(engine, tiny_llama)
+    full = _tiny(engine, tiny_llama, speculative_config=TINY_SPEC)
+    every = _tiny(engine, tiny_llama,
+                  speculative_config={**TINY_SPEC, "heads": tiny_shortlist_heads["all"]})
+    half = _tiny(engine, tiny_llama,
+                 speculative_config={**TINY_SPEC, "heads": tiny_shortlist_heads["half"]})
+    assert every["token_ids"] == van["token_ids"] and half["token_ids"] == van["token_ids"]
+    assert every["drafter"]["exits"] == full["drafter"]["exits"]
+    assert every["spec"]["num_draft_tokens"] == full["spec"]["num_draft_tokens"]
+    d = every["drafter"]
+    assert 0 < d["full_head_evals"] < d["head_evals"]
+    assert full["drafter"]["full_head_evals"] == full["drafter"]["head_evals"]
+    assert half["spec"]["num_draft_tokens"] > 0

@@ -70,3 +70,22 @@ def test_fingerprint_tracks_weights(tiny_llama, smollm2, tmp_path):
 
     other = build_tiny_llama(tmp_path / "other", smollm2, seed=1)
     assert base_model_fingerprint(other) != a  # same architecture, other weights
+
+
+def test_shortlist_round_trips_and_bad_shortlist_is_refused(tmp_path):
+    h = _heads()
+    h.shortlist = torch.tensor([3, 7, 11, 42])
+    h.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["shortlist_size"] == 4
+    back = ExitHeads.load(tmp_path)
+    assert torch.equal(back.shortlist, h.shortlist) and back.shortlist.dtype == torch.int64
+    bad = tmp_path / "bad"
+    h.shortlist = None
+    h.save(bad)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(bad / WEIGHTS_FILE))
+    tensors["exit_heads.shortlist"] = torch.rand(4)  # not token ids
+    save_file(tensors, str(bad / WEIGHTS_FILE))
+    with pytest.raises(AdaDecodeConfigError, match="1-D tensor of token ids"):
+        ExitHeads.load(bad)

@@ -12,6 +12,10 @@ def test_shipped_heads_match_the_packaged_model(smollm2):
     assert heads.base_model_fingerprint == base_model_fingerprint(smollm2)
     assert heads.hidden_size == 576 and heads.metadata["trained"] is True
     assert (SMOL_HEADS / "exit_heads.safetensors").stat().st_size < 10 * 2**20  # small
+    # the vocabulary shortlist covers most of the model's held-out response tokens
+    assert heads.shortlist is not None and heads.shortlist.numel() == 4096
+    assert int(heads.shortlist.max()) < 49152
+    assert heads.metadata["training"]["shortlist_held_out_coverage"] > 0.8
 
 
 def test_shipped_heads_are_the_default_for_their_model(smollm2):

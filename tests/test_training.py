@@ -91,3 +91,30 @@ def test_feature_extraction_matches_the_models_own_logits(trained, tiny_llama):
     # and its greedy choices are the response vLLM generated (fp32 HF vs vLLM)
     agree = (logits.argmax(-1) == torch.tensor(response)).float().mean().item()
     assert agree > 0.9, agree
+
+
+def test_shortlist_covers_held_out_tokens_and_rebuilds_identically(trained, tiny_llama):
+    """train-heads stores the most frequent response tokens; the shortlist
+    command rebuilds the same list from the cached responses (no engine)."""
+    out, work, _ = trained
+    heads = ExitHeads.load(out)
+    ids = heads.shortlist
+    assert ids is not None and 0 < ids.numel() <= 4096
+    assert torch.equal(ids, torch.unique(ids))  # sorted, no repeats
+    cfg = json.loads((out / "config.json").read_text())
+    coverage = cfg["training"]["shortlist_held_out_coverage"]
+    # (the tiny random model's responses are near-uniform: coverage is low here;
+    # test_shipped_heads checks it on SmolLM2)
+    assert 0.0 < coverage <= 1.0, coverage
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "shortlist", "--model", tiny_llama,
+         "--heads", str(out), "--work-dir", str(work), "--held-out", "0.2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "reusing generated responses" in res.stdout
+    again = ExitHeads.load(out)
+    assert torch.equal(again.shortlist, ids)
+    assert all(torch.equal(again.transforms[x], heads.transforms[x]) for x in heads.exit_layers)
+    cfg2 = json.loads((out / "config.json").read_text())
+    assert cfg2["training"]["shortlist_held_out_coverage"] == coverage

@@ -19,6 +19,18 @@ def _int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+def _non_negative(s: str) -> int:
+    import argparse
+
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {s!r}")
+    return v
+
+
 def cmd_model_path(args) -> int:
     from .models import packaged_model_dir
 
@@ -170,6 +182,14 @@ def cmd_train_heads(args) -> int:
     return 0
 
 
+def cmd_shortlist(args) -> int:
+    from .training.pipeline import shortlist_command
+
+    args.model = args.model or _packaged()
+    shortlist_command(args)
+    return 0
+
+
 def cmd_eval_heads(args) -> int:
     from .training.pipeline import eval_command
 
@@ -238,10 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{f.replace('_', '-')}", type=float, default=default,
                        help=f"cost model for --exit-layers auto (default {default})")
     t.add_argument("--held-out", type=float, default=0.1)
+    t.add_argument("--shortlist", type=_non_negative, default=4096,
+                   help="vocabulary shortlist size for screening exit checks: the most "
+                        "frequent tokens of the training responses (0: none)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")
     t.add_argument("--log", help="append engine logs here")
     t.set_defaults(func=cmd_train_heads)
+
+    s = sub.add_parser("shortlist", help="add a vocabulary shortlist to a trained heads folder")
+    s.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
+    s.add_argument("--heads", required=True, help="heads folder written by train-heads")
+    s.add_argument("--size", type=_non_negative, default=4096)
+    s.add_argument("--held-out", type=float, default=0.1, help="as given to train-heads")
+    s.add_argument("--concurrency", type=int, default=32)
+    s.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")
+    s.add_argument("--log", help="append engine logs here")
+    s.set_defaults(func=cmd_shortlist)
 
     e = sub.add_parser("eval-heads", help="evaluate exit heads against the identity head")
     e.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
@@ -290,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
-    if args.command in ("demo", "train-heads", "eval-heads", "bench"):
+    if args.command in ("demo", "train-heads", "eval-heads", "bench", "shortlist"):
         from .cpu_env import reexec_with_runtime_env
 
         reexec_with_runtime_env(["-m", "vllm_adadecode.cli", *argv])

@@ -24,7 +24,7 @@ DEFAULT_THRESHOLD = 0.75
 DEFAULT_NUM_SPECULATIVE_TOKENS = 5
 
 # Keys AdaDecode owns inside the speculative config (besides vLLM's own below).
-ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred")
+ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred", "shortlist")
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
 VLLM_KEYS = ("method", "num_speculative_tokens", "model")
 ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
@@ -55,6 +55,11 @@ class AdaDecodeConfig:
     deferred: bool = False
     """Deferred-layer verification: a drafted token's verification runs only the
     layers after the depth the drafter already took it to."""
+    shortlist: bool = True
+    """Screen each exit check on the heads' vocabulary shortlist first (when the
+    heads folder has one); only rows that pass are checked on the full LM head,
+    so every exit decision is the one the full LM head would make for tokens in
+    the shortlist."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -70,6 +75,7 @@ class AdaDecodeConfig:
             heads=d.get("heads"),
             adaptive=bool(d.get("adaptive", True)),
             deferred=bool(d.get("deferred", False)),
+            shortlist=bool(d.get("shortlist", True)),
         )
 
 
@@ -240,7 +246,7 @@ def resolve(
     num_spec = merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
     num_spec = validate_num_speculative_tokens(num_spec)
     flags = {}
-    for key, default in (("adaptive", True), ("deferred", False)):
+    for key, default in (("adaptive", True), ("deferred", False), ("shortlist", True)):
         flags[key] = merged.pop(key, default)
         if not isinstance(flags[key], bool):
             raise AdaDecodeConfigError(

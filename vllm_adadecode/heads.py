@@ -11,6 +11,11 @@ Folder format (``HEADS_FORMAT``)::
                                   "hidden_size": d, "exit_layers": [...],
                                   "threshold": 0.75, ...}
     HEADS_DIR/exit_heads.safetensors   "exit_heads.<layer>.transform": [d, d]
+                                       "exit_heads.shortlist": [n] token ids (optional)
+
+The optional shortlist holds the token ids the model emitted most often in the
+heads' training responses; the drafter screens exit checks on those rows of
+the LM head before paying for the full vocabulary.
 
 Loading reads safetensors only; nothing is ever unpickled.
 """
@@ -86,7 +91,9 @@ class ExitHeads:
         threshold: float = 0.75,
         base_model_fingerprint: str | None = None,
         metadata: dict[str, Any] | None = None,
+        shortlist: torch.Tensor | None = None,
     ):
+        self.shortlist = None if shortlist is None else shortlist.to(torch.int64)
         self.transforms = {int(k): v for k, v in sorted(transforms.items())}
         self.hidden_size = hidden_size
         self.threshold = threshold
@@ -123,6 +130,8 @@ class ExitHeads:
             f"exit_heads.{layer}.transform": t.detach().to(torch.float32).contiguous()
             for layer, t in self.transforms.items()
         }
+        if self.shortlist is not None:
+            tensors[SHORTLIST_KEY] = self.shortlist.contiguous()
         tmp = out / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": HEADS_FORMAT})
         os.replace(tmp, out / WEIGHTS_FILE)
@@ -133,6 +142,7 @@ class ExitHeads:
             "hidden_size": self.hidden_size,
             "exit_layers": self.exit_layers,
             "threshold": self.threshold,
+            "shortlist_size": None if self.shortlist is None else int(self.shortlist.numel()),
             **{k: v for k, v in self.metadata.items() if k not in _RESERVED},
         }
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -178,12 +188,17 @@ class ExitHeads:
             if key not in tensors:
                 raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} lacks tensor {key!r}")
             transforms[int(layer)] = tensors[key]
+        shortlist = tensors.get(SHORTLIST_KEY)
+        if shortlist is not None and (shortlist.dim() != 1 or shortlist.is_floating_point()):
+            raise AdaDecodeConfigError(
+                f"{where}: {SHORTLIST_KEY!r} must be a 1-D tensor of token ids")
         return cls(
             transforms,
             hidden_size=int(cfg["hidden_size"]),
             threshold=float(cfg["threshold"]),
             base_model_fingerprint=cfg["base_model_fingerprint"],
             metadata={k: v for k, v in cfg.items() if k not in _RESERVED},
+            shortlist=shortlist,
         )
 
     def check_base_model(self, model_dir: str | os.PathLike, *, hidden_size: int) -> None:
@@ -210,7 +225,9 @@ _RESERVED = {
     "hidden_size",
     "exit_layers",
     "threshold",
+    "shortlist_size",
 }
+SHORTLIST_KEY = "exit_heads.shortlist"
 
 
 def shipped_heads_for(model_dir: str, *, hidden_size: int):

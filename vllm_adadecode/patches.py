@@ -301,6 +301,23 @@ def compute_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.compute_logits(hidden)
 
 
+def lm_head_rows(model, token_ids: torch.Tensor):
+    """(rows of the LM head weight for ``token_ids``, logit scale), or None where
+    those rows are not the whole story: a vocabulary split across tensor-parallel
+    ranks, soft-capped logits, or an LM head without a plain weight."""
+    from vllm.distributed import get_tp_group
+
+    head = getattr(model, "lm_head", None)
+    proc = getattr(model, "logits_processor", None)
+    weight = getattr(head, "weight", None)
+    if (get_tp_group().world_size != 1 or weight is None or proc is None
+            or getattr(proc, "soft_cap", None)):
+        return None
+    if int(token_ids.max()) >= weight.shape[0]:
+        return None
+    return weight[token_ids].clone(), float(getattr(proc, "scale", 1.0))
+
+
 def tp_agree(flag: bool) -> bool:
     """Tensor-parallel rank 0's ``flag`` on every rank (ranks time themselves
     separately, but must all draft, or all not, since drafting runs collectives)."""
@@ -350,9 +367,10 @@ class RunnerBatch:
     def num_tokens(self, row: int) -> int:
         return int(self.input_batch.num_tokens_no_spec[row])
 
-    def run_layers(self, layers, hidden, residual, *, positions, rows, query_lens):
-        """Run ``layers`` on a contiguous query suffix of each request in ``rows``."""
-        from vllm.forward_context import set_forward_context
+    def attention(self, *, positions, rows, query_lens) -> "AttentionContext":
+        """Attention metadata and KV slots for a contiguous query suffix of each
+        request in ``rows`` (positions in flat order): build once, then run any
+        number of layer segments inside it."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         n_tokens = len(positions)
@@ -385,9 +403,72 @@ class RunnerBatch:
             for name in group.layer_names:
                 attn_metadata[name] = meta
                 slots[name] = slot_mapping
-        with set_forward_context(
-            attn_metadata, self.runner.vllm_config, num_tokens=n_tokens, slot_mapping=slots
-        ):
-            for layer in layers:
-                hidden, residual = layer(pos, hidden, residual)
-        return hidden, residual
+        return AttentionContext(self.runner.vllm_config, pos, attn_metadata, slots)
+
+
+class AttentionContext:
+    """Built attention metadata for one set of query tokens; ``run`` executes a
+    layer segment (see ``LayerSegments``) inside vLLM's forward context."""
+
+    def __init__(self, vllm_config, positions, attn_metadata, slots):
+        self.vllm_config = vllm_config
+        self.positions = positions
+        self.attn_metadata = attn_metadata
+        self.slots = slots
+
+    def run(self, segment, hidden, residual):
+        from vllm.forward_context import set_forward_context
+
+        with set_forward_context(self.attn_metadata, self.vllm_config,
+                                 num_tokens=len(self.positions), slot_mapping=self.slots):
+            return segment(self.positions, hidden, residual)
+
+
+def compile_layers_enabled(vllm_config) -> bool:
+    """Compile the drafter's layer segments like vLLM compiles the model: not
+    under enforce_eager, and only where attention is an opaque custom op (the
+    CPU platform), so tracing never reads the forward context."""
+    from vllm.platforms import current_platform
+
+    return (not vllm_config.model_config.enforce_eager
+            and current_platform.opaque_attention_op())
+
+
+class LayerSegments:
+    """Callables that run decoder layers [start, end) of the target model on
+    (positions, hidden, residual); with ``compile``, each segment is one
+    torch.compile graph (its own code object, so segments never evict each
+    other from dynamo's per-code cache)."""
+
+    def __init__(self, layers, *, compile: bool):
+        self.layers = layers
+        self.compile = compile
+        self._fns: dict[tuple[int, int], object] = {}
+
+    def __call__(self, start: int, end: int):
+        fn = self._fns.get((start, end))
+        if fn is None:
+            fn = self._fns[(start, end)] = self._build(start, end)
+        return fn
+
+    def _build(self, start: int, end: int):
+        import types
+
+        mods = tuple(self.layers[start:end])
+
+        def run(positions, hidden, residual):
+            for layer in mods:
+                hidden, residual = layer(positions, hidden, residual)
+            return hidden, residual
+
+        if not self.compile:
+            return run
+        name = f"adadecode_layers_{start}_{end}"
+        code = run.__code__.replace(co_name=name, co_qualname=name)
+        fn = types.FunctionType(code, run.__globals__, name, None, run.__closure__)
+        return torch.compile(fn, dynamic=True)
+
+    @property
+    def num_compiled(self) -> int:
+        """Layer segments built as torch.compile graphs so far."""
+        return len(self._fns) if self.compile else 0

@@ -44,6 +44,9 @@ class _Draft:
     hidden: list[torch.Tensor] = field(default_factory=list)
     residual: list[torch.Tensor] = field(default_factory=list)
     depth: list[int] = field(default_factory=list)
+    # The newest token's state when no exit layer was confident (it ran up to
+    # the last exit layer): (hidden, residual, depth). Verification resumes it.
+    tail: tuple | None = None
 
 
 class AdaDecodeProposer:
@@ -79,11 +82,15 @@ class AdaDecodeProposer:
         self.seconds = 0.0  # time spent drafting
         self.layer_evals = 0  # decoder-layer token evaluations in drafting
         self.head_evals = 0  # exit-head token evaluations
+        self.full_head_evals = 0  # of those, checked on the full vocabulary
         # Layers the verification pass would still owe the drafted tokens if it
         # skipped what the drafter ran (sum over drafts of L - 1 - final depth).
         self.deferred_layer_evals = 0
         # Layer evaluations the verification pass skipped (deferred verification).
         self.verify_layers_skipped = 0
+        # Of those, layers of last draft attempts that found no confident exit:
+        # verification resumed them instead of running them again.
+        self.attempt_layers_reused = 0
         self.calls = 0
         self.requests: dict[str, list[int]] = {}  # req id -> [steps, accepted drafts]
 
@@ -94,9 +101,12 @@ class AdaDecodeProposer:
             "draft_seconds": self.seconds,
             "draft_layer_evals": self.layer_evals,
             "head_evals": self.head_evals,
+            "full_head_evals": self.full_head_evals,
             "deferred_layer_evals": self.deferred_layer_evals,
             "verify_layers_skipped": self.verify_layers_skipped,
+            "attempt_layers_reused": self.attempt_layers_reused,
             "num_layers": self.num_layers,
+            "compiled_segments": self.segments.num_compiled if self.model is not None else 0,
             "exits": {str(k): v for k, v in sorted(self.exit_counts.items())},
             "accepted_by_exit": {str(k): v for k, v in sorted(self.accepted_by_exit.items())},
             "rejected_by_exit": {str(k): v for k, v in sorted(self.rejected_by_exit.items())},
@@ -143,7 +153,14 @@ class AdaDecodeProposer:
         param = next(target_model.parameters())
         self.dtype = param.dtype
         self.hidden_size = hidden_size
+        self.segments = patches.LayerSegments(
+            self.layers, compile=patches.compile_layers_enabled(self.vllm_config))
         # None = identity head (skip the matmul).
+        self.shortlist = None  # (token ids, their LM-head rows, logit scale)
+        if self.config.shortlist and heads.shortlist is not None:
+            rows = patches.lm_head_rows(target_model, heads.shortlist)
+            if rows is not None:
+                self.shortlist = (heads.shortlist, rows[0].to(param.dtype), rows[1])
         self.transforms = {
             x: None if heads.is_identity(x) else heads.transforms[x].to(param.dtype)
             for x in self.config.exit_layers
@@ -198,9 +215,17 @@ class AdaDecodeProposer:
             if d.drafted:
                 self._pending[batch.req_id(d.row)] = d.exit_layers
                 self.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
-                if self.config.deferred:
-                    first = d.position - len(d.drafted)
-                    self._states[batch.req_id(d.row)] = (first, d.depth, d.hidden, d.residual)
+            if self.config.deferred and (d.drafted or d.tail):
+                # States of positions first .. first + len - 1, depth non-increasing:
+                # the drafter inputs, including a last attempt that did not exit.
+                first = d.position - len(d.drafted)
+                depth, hidden, residual = list(d.depth), list(d.hidden), list(d.residual)
+                if d.tail is not None:
+                    hidden.append(d.tail[0])
+                    residual.append(d.tail[1])
+                    depth.append(d.tail[2])
+                self._states[batch.req_id(d.row)] = (first, depth, hidden, residual,
+                                                     len(d.drafted))
         return out
 
     def _draft_step(self, batch: "patches.RunnerBatch", drafting: list[_Draft]) -> list[_Draft]:
@@ -210,6 +235,7 @@ class AdaDecodeProposer:
         alive = list(range(len(drafting)))
         exited: list[_Draft] = []
         depth = -1
+        ctx = ctx_key = None
         for exit_layer in self.config.exit_layers:
             reqs = [drafting[i] for i in alive]
             n_carry = [carried_suffix(d.depth, depth) for d in reqs]
@@ -225,19 +251,16 @@ class AdaDecodeProposer:
                 q_lens.append(c + 1)
             hidden = torch.cat(hs)
             residual = torch.cat(rs) if new_res is not None else None
-            hidden, residual = batch.run_layers(
-                self.layers[depth + 1 : exit_layer + 1],
-                hidden,
-                residual,
-                positions=pos,
-                rows=[d.row for d in reqs],
-                query_lens=q_lens,
-            )
+            rows = [d.row for d in reqs]
+            key = (tuple(pos), tuple(rows), tuple(q_lens))
+            if ctx is None or key != ctx_key:  # same tokens as the last segment: reuse
+                ctx, ctx_key = batch.attention(positions=pos, rows=rows, query_lens=q_lens), key
+            hidden, residual = ctx.run(self.segments(depth + 1, exit_layer + 1), hidden, residual)
             self.layer_evals += len(pos) * (exit_layer - depth)
             self.head_evals += len(reqs)
             depth = exit_layer
             ends = torch.tensor(q_lens).cumsum(0) - 1  # row of each newest token
-            token, prob = top1(self._exit_logits(exit_layer, hidden[ends], residual[ends]))
+            token, prob = self._exit_top1(exit_layer, hidden[ends], residual[ends])
             go = exits(prob, self.config.threshold).tolist()
             token = token.tolist()
             still = []
@@ -261,6 +284,8 @@ class AdaDecodeProposer:
                     self.exit_counts[exit_layer] += 1
                 else:
                     still.append(j)
+                    if exit_layer == self.config.exit_layers[-1]:
+                        d.tail = (hidden[end : end + 1], residual[end : end + 1], depth)
                 start = end + 1
             if not still:
                 break
@@ -277,10 +302,11 @@ class AdaDecodeProposer:
         drafted state (vLLM's own forward runs).
 
         A request's scheduled tokens are its newest sampled token p, then its
-        drafts p+1..p+k. Positions p..p+k-1 were drafter inputs and carry a
-        depth (non-increasing with position, because earlier drafts are carried
-        as deep as later ones); p+k and every other request's tokens have depth
-        -1. Layer l runs the tokens with depth < l: per request a contiguous
+        drafts p+1..p+k (k may be 0). Positions p..p+k-1 were drafter inputs and
+        carry a depth (non-increasing with position, because earlier drafts are
+        carried as deep as later ones); so does p+k when its own draft attempt
+        found no confident exit (it ran to the last exit layer). Every other
+        token has depth -1. Layer l runs the tokens with depth < l: per request a contiguous
         suffix of its scheduled tokens, so each segment of layers gets attention
         metadata (and KV writes) for exactly the tokens it processes.
         """
@@ -292,17 +318,20 @@ class AdaDecodeProposer:
         n = qsl[-1]  # scheduled tokens (the input may be padded beyond them)
         depth = [-1] * n
         seeded: list[tuple[int, list, list]] = []
+        reused = 0
         for row in range(batch.num_reqs):
             st = states.get(batch.req_id(row))
             if st is None:
                 continue
-            first, depths, hs, rs = st
+            first, depths, hs, rs, n_drafts = st
             start, end = qsl[row], qsl[row + 1]
-            k = end - start - 1  # drafts scheduled for verification
-            if k < 1 or k > len(depths) or int(positions[start]) != first:
+            m = end - start  # scheduled tokens: p and the drafts kept for verification
+            if m < 1 or m > len(depths) + 1 or int(positions[start]) != first:
                 continue  # scheduled otherwise than drafted: verify every layer
+            k = min(m, len(depths))
             depth[start:start + k] = depths[:k]
             seeded.append((start, hs[:k], rs[:k]))
+            reused += sum(x + 1 for x in depths[n_drafts:k])
         if not seeded:
             return None
         L = len(self.layers)
@@ -325,24 +354,44 @@ class AdaDecodeProposer:
                 h_in, r_in = patches.embed(self.model, input_ids[idx]), None
             else:
                 h_in, r_in = hidden[idx], residual[idx]
-            h, r = batch.run_layers(
-                self.layers[a:b], h_in, r_in, positions=pos_all[idx].tolist(),
-                rows=rows.tolist(), query_lens=counts.tolist())
+            ctx = batch.attention(positions=pos_all[idx].tolist(), rows=rows.tolist(),
+                                  query_lens=counts.tolist())
+            h, r = ctx.run(self.segments(a, b), h_in, r_in)
             hidden[idx], residual[idx] = h, r
-        self.verify_layers_skipped += sum(x + 1 for x in depth if x >= 0)
+        self.verify_layers_skipped += sum(x + 1 for x in depth if x >= 0) - reused
+        self.attempt_layers_reused += reused
         out = patches.final_norm(self.model, hidden, residual)
         if int(input_ids.shape[0]) > n:
             out = torch.cat([out, out.new_zeros(int(input_ids.shape[0]) - n, out.shape[1])])
         return out
 
-    def _exit_logits(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor):
+    def _exit_top1(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor):
+        """Top-1 token and probability of the exit head, per row.
+
+        With a shortlist, rows are screened on the shortlist's LM-head rows
+        first. For a token t in the shortlist, softmax over the shortlist gives
+        p_short(t) >= p_full(t) (fewer terms in the denominator), so a row whose
+        shortlist top-1 is below the threshold cannot exit on a shortlisted
+        token; it keeps that (upper-bound) probability and does not exit. Rows
+        that pass are decided on the full LM head, exactly as without a shortlist.
+        """
         transform = self.transforms[exit_layer]
         if transform is None:
             # Identical to the model's own final step: fused add + final norm.
             normed = patches.final_norm(self.model, hidden.clone(), residual.clone())
         else:
             normed = patches.final_norm(self.model, (hidden + residual) @ transform.T, None)
-        return patches.compute_logits(self.model, normed)
+        if self.shortlist is None:
+            self.full_head_evals += normed.shape[0]
+            return top1(patches.compute_logits(self.model, normed))
+        ids, rows, scale = self.shortlist
+        best, prob = top1((normed @ rows.T) * scale)
+        token = ids[best]
+        maybe = exits(prob, self.config.threshold).nonzero().squeeze(1)
+        if maybe.numel():
+            self.full_head_evals += maybe.numel()
+            token[maybe], prob[maybe] = top1(patches.compute_logits(self.model, normed[maybe]))
+        return token, prob
 
 
 def merge_stats(per_worker: list[dict]) -> dict:

@@ -232,7 +232,8 @@ def _layer_evals(run: dict, kind: str, L: int | None) -> dict[str, float] | None
         return {"measured": L * (steps + drafts) / decoded}
     draft = dr["draft_layer_evals"]
     return {
-        "measured": (draft + L * (steps + drafts) - dr.get("verify_layers_skipped", 0)) / decoded,
+        "measured": (draft + L * (steps + drafts) - dr.get("verify_layers_skipped", 0)
+                     - dr.get("attempt_layers_reused", 0)) / decoded,
         "recompute": (draft + L * (steps + drafts)) / decoded,
         "deferred": (draft + L * steps + dr["deferred_layer_evals"]) / decoded,
     }

@@ -35,12 +35,41 @@ class Features:
 
     def split_by_sequence(self, held_out_fraction: float, seed: int):
         """Train/held-out split by whole sequences (no leakage between them)."""
-        seqs = torch.unique(self.seq_ids)
-        g = torch.Generator().manual_seed(seed)
-        perm = seqs[torch.randperm(len(seqs), generator=g)]
-        n_held = max(1, int(round(len(seqs) * held_out_fraction)))
-        held = torch.isin(self.seq_ids, perm[:n_held])
+        held_ids = held_out_sequences(torch.unique(self.seq_ids), held_out_fraction, seed)
+        held = torch.isin(self.seq_ids, held_ids)
         return self.select(~held), self.select(held)
+
+
+def held_out_sequences(seq_ids: torch.Tensor, held_out_fraction: float, seed: int):
+    """The held-out subset of sorted sequence ids (seeded; whole sequences)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = seq_ids[torch.randperm(len(seq_ids), generator=g)]
+    return perm[: max(1, int(round(len(seq_ids) * held_out_fraction)))]
+
+
+def usable_sequence_ids(sequences) -> torch.Tensor:
+    """Ids of the sequences ``collect_features`` keeps (responses of 2+ tokens)."""
+    return torch.tensor([k for k, (_, r) in enumerate(sequences) if len(r) >= 2],
+                        dtype=torch.int32)
+
+
+def build_shortlist(sequences, train_ids, held_ids, size: int):
+    """The ``size`` token ids most frequent in the training responses, and the
+    fraction of held-out response tokens they cover."""
+    counts = torch.zeros(1, dtype=torch.int64)
+    for k in train_ids:
+        r = torch.tensor(sequences[int(k)][1], dtype=torch.int64)
+        c = torch.bincount(r)
+        if c.numel() > counts.numel():
+            counts = torch.cat([counts, counts.new_zeros(c.numel() - counts.numel())])
+        counts[: c.numel()] += c
+    order = torch.argsort(counts, descending=True, stable=True)
+    ids = order[: min(size, int((counts > 0).sum()))]
+    keep = torch.zeros(counts.numel(), dtype=torch.bool)
+    keep[ids] = True
+    held = [t for k in held_ids for t in sequences[int(k)][1]]
+    covered = sum(1 for t in held if t < keep.numel() and keep[t])
+    return torch.sort(ids).values, covered / max(1, len(held))
 
 
 def load_prompts(spec: str, limit: int | None, seed: int) -> list[Prompt]:

@@ -112,6 +112,10 @@ def train_command(args) -> dict:
     held = D.Features(chosen, held.hidden[:, cols], held.final, held.seq_ids)
     transforms = train_heads(head, train, chosen, epochs=args.epochs, batch=args.batch,
                              lr=args.lr, seed=args.seed)
+    shortlist, coverage = None, None
+    if args.shortlist:
+        shortlist, coverage = D.build_shortlist(seqs, torch.unique(train.seq_ids),
+                                                torch.unique(held.seq_ids), args.shortlist)
     kl_identity = held_out_kl(head, held, {x: None for x in chosen})
     kl_trained = held_out_kl(head, held, transforms)
     report = evaluate(head, held, transforms)
@@ -138,10 +142,12 @@ def train_command(args) -> dict:
             "held_out_agreement_identity": {x: report["layers"][str(x)]["identity"]["agreement"]
                                             for x in chosen},
             "selection": selection,
+            "shortlist_held_out_coverage": coverage,
         },
     }
     heads = ExitHeads(transforms, hidden_size=cfg["hidden_size"], threshold=threshold,
-                      base_model_fingerprint=base_model_fingerprint(model), metadata=meta)
+                      base_model_fingerprint=base_model_fingerprint(model), metadata=meta,
+                      shortlist=shortlist)
     out = heads.save(args.out)
     write(report, str(out / "eval.json"), str(out / "eval.png"), f"{Path(model).name}: held-out")
     for x in chosen:
@@ -151,6 +157,30 @@ def train_command(args) -> dict:
               f"{meta['training']['held_out_agreement'][x]:.3f}")
     print(f"[train-heads] wrote {out} in {elapsed:.0f} s")
     return meta
+
+
+def shortlist_command(args) -> dict:
+    """Add (or replace) the vocabulary shortlist of an existing heads folder,
+    from the same responses its training used (cached in the work dir)."""
+    heads = ExitHeads.load(args.heads)
+    tr = heads.metadata.get("training")
+    if not tr:
+        raise SystemExit(f"{args.heads}: config.json has no 'training' record to rebuild "
+                         "its training responses from; retrain with train-heads --shortlist")
+    model = args.model
+    prompts = D.load_prompts(tr["data"], tr["num_prompts"], tr["seed"])
+    seqs = sequences_for(model, prompts, max_tokens=tr["max_tokens"], concurrency=args.concurrency,
+                         seed=tr["seed"], cache_dir=Path(args.work_dir), log_path=args.log)
+    usable = D.usable_sequence_ids(seqs)
+    held = D.held_out_sequences(usable, args.held_out, tr["seed"])
+    train = usable[~torch.isin(usable, held)]
+    heads.shortlist, coverage = D.build_shortlist(seqs, train, held, args.size)
+    heads.metadata["training"]["shortlist_held_out_coverage"] = coverage
+    heads.metadata["training"]["shortlist_command"] = "vllm-adadecode " + " ".join(args.argv)
+    heads.save(args.heads)
+    print(f"[shortlist] {args.heads}: {heads.shortlist.numel()} token ids, "
+          f"covering {coverage:.3f} of held-out response tokens")
+    return {"size": int(heads.shortlist.numel()), "held_out_coverage": coverage}
 
 
 def eval_command(args) -> dict:
