@@ -134,7 +134,7 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
     assert cfg.speculative_config.method == "custom_class"
     assert cfg.additional_config["adadecode"] == {
         "exit_layers": [1, 3], "threshold": 0.5, "num_speculative_tokens": 4, "heads": None,
-        "adaptive": True, "deferred": False,
+        "adaptive": True, "deferred": True,
         "shortlist": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.engine
 
 # adaptive off: these tests are about drafting itself, which must happen every step
 TINY_SPEC = {"method": "adadecode", "exit_layers": [1, 3, 5], "threshold": 0.005,
-             "num_speculative_tokens": 4, "adaptive": False}
+             "num_speculative_tokens": 4, "adaptive": False, "deferred": False}
 DEFERRED = {**TINY_SPEC, "deferred": True}
 PROMPTS8 = [p.text for p in mixed(8)]
 MIXED_SAMPLING = [

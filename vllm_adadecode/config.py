@@ -52,7 +52,7 @@ class AdaDecodeConfig:
     adaptive: bool = True
     """Measure tokens per second with and without drafting, per batch size, and
     draft only where drafting is measured to pay (speculation backs off under load)."""
-    deferred: bool = False
+    deferred: bool = True
     """Deferred-layer verification: a drafted token's verification runs only the
     layers after the depth the drafter already took it to."""
     shortlist: bool = True
@@ -74,7 +74,7 @@ class AdaDecodeConfig:
             num_speculative_tokens=int(d["num_speculative_tokens"]),
             heads=d.get("heads"),
             adaptive=bool(d.get("adaptive", True)),
-            deferred=bool(d.get("deferred", False)),
+            deferred=bool(d.get("deferred", True)),
             shortlist=bool(d.get("shortlist", True)),
         )
 
@@ -246,7 +246,7 @@ def resolve(
     num_spec = merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
     num_spec = validate_num_speculative_tokens(num_spec)
     flags = {}
-    for key, default in (("adaptive", True), ("deferred", False), ("shortlist", True)):
+    for key, default in (("adaptive", True), ("deferred", True), ("shortlist", True)):
         flags[key] = merged.pop(key, default)
         if not isinstance(flags[key], bool):
             raise AdaDecodeConfigError(
