@@ -56,19 +56,14 @@ def usable_sequence_ids(sequences) -> torch.Tensor:
 def build_shortlist(sequences, train_ids, held_ids, size: int):
     """The ``size`` token ids most frequent in the training responses, and the
     fraction of held-out response tokens they cover."""
-    counts = torch.zeros(1, dtype=torch.int64)
-    for k in train_ids:
-        r = torch.tensor(sequences[int(k)][1], dtype=torch.int64)
-        c = torch.bincount(r)
-        if c.numel() > counts.numel():
-            counts = torch.cat([counts, counts.new_zeros(c.numel() - counts.numel())])
-        counts[: c.numel()] += c
+    def tokens(ids):
+        return torch.tensor([t for k in ids for t in sequences[int(k)][1]], dtype=torch.int64)
+
+    counts = torch.bincount(tokens(train_ids))
     order = torch.argsort(counts, descending=True, stable=True)
     ids = order[: min(size, int((counts > 0).sum()))]
-    keep = torch.zeros(counts.numel(), dtype=torch.bool)
-    keep[ids] = True
-    held = [t for k in held_ids for t in sequences[int(k)][1]]
-    covered = sum(1 for t in held if t < keep.numel() and keep[t])
+    held = tokens(held_ids)
+    covered = int(torch.isin(held, ids).sum())
     return torch.sort(ids).values, covered / max(1, len(held))
 
 
