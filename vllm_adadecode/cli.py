@@ -252,11 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threshold", type=float, default=None,
                    help="default threshold stored with the heads (auto: chosen with the layers)")
     t.add_argument("--max-draft", type=int, default=5)
-    from .training.select import CostModel
-
-    for f, default in vars(CostModel()).items():
-        t.add_argument(f"--{f.replace('_', '-')}", type=float, default=default,
-                       help=f"cost model for --exit-layers auto (default {default})")
+    _add_cost_model_args(t, "for --exit-layers auto")
     t.add_argument("--held-out", type=float, default=0.1)
     t.add_argument("--shortlist", type=_non_negative, default=4096,
                    help="vocabulary shortlist size for screening exit checks: the most "
@@ -283,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-prompts", type=int, default=None)
     e.add_argument("--max-tokens", type=int, default=128)
     e.add_argument("--concurrency", type=int, default=32)
+    e.add_argument("--max-draft", type=int, default=5)
+    _add_cost_model_args(e, "for the predicted speedup")
     e.add_argument("--out-json", default="heads_eval.json")
     e.add_argument("--out-png", default="heads_eval.png")
     e.add_argument("--work-dir", default=_default_work_dir())
@@ -317,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append engine logs here (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
     return p
+
+
+def _add_cost_model_args(parser, purpose: str) -> None:
+    from .training.select import CostModel
+
+    for f, default in vars(CostModel()).items():
+        parser.add_argument(f"--{f.replace('_', '-')}", type=float, default=default,
+                            help=f"cost model {purpose} (default {default})")
 
 
 def main(argv: list[str] | None = None) -> int:

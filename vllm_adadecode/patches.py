@@ -438,14 +438,36 @@ class LayerSegments:
     """Callables that run decoder layers [start, end) of the target model on
     (positions, hidden, residual); with ``compile``, each segment is one
     torch.compile graph (its own code object, so segments never evict each
-    other from dynamo's per-code cache)."""
+    other from dynamo's per-code cache).
 
-    def __init__(self, layers, *, compile: bool):
+    A range that crosses one of ``boundaries`` runs as the segments between
+    them, so the set of graphs stays fixed (one per gap between boundaries)
+    whatever ranges the drafter and the deferred forward ask for: graphs
+    compile in the first steps, not whenever a new mix of depths shows up."""
+
+    def __init__(self, layers, *, compile: bool, boundaries=()):
         self.layers = layers
         self.compile = compile
+        self.boundaries = sorted(set(boundaries))
         self._fns: dict[tuple[int, int], object] = {}
+        self._ranges: dict[tuple[int, int], object] = {}
 
     def __call__(self, start: int, end: int):
+        fn = self._ranges.get((start, end))
+        if fn is None:
+            cuts = [start] + [b for b in self.boundaries if start < b < end] + [end]
+            pieces = [self._piece(a, b) for a, b in zip(cuts, cuts[1:])]
+            if len(pieces) == 1:
+                fn = pieces[0]
+            else:
+                def fn(positions, hidden, residual):
+                    for piece in pieces:
+                        hidden, residual = piece(positions, hidden, residual)
+                    return hidden, residual
+            self._ranges[(start, end)] = fn
+        return fn
+
+    def _piece(self, start: int, end: int):
         fn = self._fns.get((start, end))
         if fn is None:
             fn = self._fns[(start, end)] = self._build(start, end)

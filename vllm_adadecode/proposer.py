@@ -154,7 +154,8 @@ class AdaDecodeProposer:
         self.dtype = param.dtype
         self.hidden_size = hidden_size
         self.segments = patches.LayerSegments(
-            self.layers, compile=patches.compile_layers_enabled(self.vllm_config))
+            self.layers, compile=patches.compile_layers_enabled(self.vllm_config),
+            boundaries=[x + 1 for x in self.config.exit_layers])
         # None = identity head (skip the matmul).
         self.shortlist = None  # (token ids, their LM-head rows, logit scale)
         if self.config.shortlist and heads.shortlist is not None:

@@ -13,7 +13,7 @@ import torch
 from ..heads import ExitHeads, base_model_fingerprint
 from . import data as D
 from .evaluate import evaluate, exit_stats, write
-from .select import CostModel, choose
+from .select import CostModel, choose, simulate
 from .train import FrozenHead, held_out_kl, train_heads
 
 
@@ -85,7 +85,8 @@ def train_command(args) -> dict:
         conf = torch.stack([stats[x]["conf"] for x in layers], 1)
         right = torch.stack([stats[x]["right"] for x in layers], 1)
         cost = CostModel(**{f: getattr(args, f) for f in CostModel.__dataclass_fields__})
-        selection = choose(conf, right, held.seq_ids, layers, max_draft=args.max_draft, cost=cost)
+        selection = choose(conf, right, held.seq_ids, layers, num_layers=L,
+                           max_draft=args.max_draft, cost=cost)
         best = selection["best"]
         chosen = best["exit_layers"]
         if threshold is None:
@@ -183,16 +184,43 @@ def shortlist_command(args) -> dict:
     return {"size": int(heads.shortlist.numel()), "held_out_coverage": coverage}
 
 
+def predict_speed(head, feats, heads, dataset_of: list[str], num_layers: int, args) -> dict:
+    """Per dataset: the cost model's predicted batch-1 speedup for the heads'
+    own exit layers and threshold, and for the best subset of them."""
+    cost = CostModel(**{f: getattr(args, f) for f in CostModel.__dataclass_fields__})
+    stats = exit_stats(head, feats, heads.transforms)
+    layers = heads.exit_layers
+    conf = torch.stack([stats[x]["conf"] for x in layers], 1)
+    right = torch.stack([stats[x]["right"] for x in layers], 1)
+    # collect_features numbers sequences by their index in the prompt list
+    names = [dataset_of[i] for i in feats.seq_ids.tolist()]
+    out = {}
+    for name in sorted(set(names)) + (["all"] if len(set(names)) > 1 else []):
+        m = torch.tensor([name in ("all", x) for x in names])
+        sel = choose(conf[m], right[m], feats.seq_ids[m], layers, num_layers=num_layers,
+                     max_draft=args.max_draft, cost=cost)
+        own = simulate(conf[m], right[m], feats.seq_ids[m], layers, list(range(len(layers))),
+                       heads.threshold, num_layers=num_layers, max_draft=args.max_draft,
+                       cost=cost)
+        out[name] = {"heads_config": {"exit_layers": layers, "threshold": heads.threshold, **own},
+                     "best": sel["best"], "table": sel["table"][:10],
+                     "cost_model": sel["cost_model"]}
+    return out
+
+
 def eval_command(args) -> dict:
     from .. import prompts as P
 
     heads = ExitHeads.load(args.heads)
     heads.check_base_model(args.model, hidden_size=_model_config(args.model)["hidden_size"])
-    prompts = []
+    prompts, dataset_of = [], []
     for name in args.data.split(","):
         name = name.strip()
-        prompts.extend(P.from_jsonl(name) if name.endswith(".jsonl") else P.load(name, "eval"))
-    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+        got = P.from_jsonl(name) if name.endswith(".jsonl") else P.load(name, "eval")
+        prompts.extend(got)
+        dataset_of.extend([Path(name).stem] * len(got))
+    if args.num_prompts:
+        prompts, dataset_of = prompts[: args.num_prompts], dataset_of[: args.num_prompts]
     seqs = sequences_for(args.model, prompts, max_tokens=args.max_tokens,
                          concurrency=args.concurrency, seed=0, cache_dir=Path(args.work_dir),
                          log_path=args.log)
@@ -200,11 +228,20 @@ def eval_command(args) -> dict:
     head = FrozenHead.from_hf(hf)
     feats = D.collect_features(hf, seqs, heads.exit_layers)
     report = evaluate(head, feats, heads.transforms)
+    report["predicted"] = predict_speed(head, feats, heads, dataset_of,
+                                        _model_config(args.model)["num_hidden_layers"], args)
     report["heads"] = str(args.heads)
     report["data"] = args.data
     write(report, args.out_json, args.out_png, f"{Path(args.model).name}: {args.data} (eval split)")
     for x, r in report["layers"].items():
         print(f"layer {x}: agreement {r['identity']['agreement']:.3f} (identity) -> "
               f"{r['trained']['agreement']:.3f} (trained)")
+    for name, r in report["predicted"].items():
+        own, best = r["heads_config"], r["best"]
+        print(f"{name}: predicted batch-1 speedup {own['speedup']:.2f}x at "
+              f"{own['tokens_per_step']:.2f} tokens/step with the heads' own exit layers "
+              f"{heads.exit_layers} @ {heads.threshold}; best subset {best['exit_layers']} "
+              f"@ {best['threshold']}: {best['speedup']:.2f}x, {best['tokens_per_step']:.2f} "
+              "tokens/step")
     print(f"wrote {args.out_json}" + (f" and {args.out_png}" if args.out_png else ""))
     return report

@@ -1,0 +1,41 @@
+"""The exit-layer cost model and drafting replay (training/select.py)."""
+
+import pytest
+import torch
+
+from vllm_adadecode.training.select import CostModel, choose, simulate
+
+COST = CostModel(step_overhead_ms=8.0, layer_ms=1.0, draft_layer_ms=1.0, check_ms=1.0)
+L = 30
+
+
+def _stats(n: int, conf: list[float], right: list[bool]):
+    c = torch.tensor([conf] * n)
+    r = torch.tensor([right] * n)
+    return c, r, torch.zeros(n, dtype=torch.int32)
+
+
+def test_never_confident_costs_only_the_exit_checks():
+    conf, right, seq = _stats(100, [0.1, 0.2], [True, True])
+    r = simulate(conf, right, seq, [5, 20], [0, 1], 0.8, num_layers=L, max_draft=5, cost=COST)
+    assert r["tokens_per_step"] == 1.0
+    # the attempt's 21 layers are resumed by verification; 2 checks are extra
+    assert r["speedup"] == pytest.approx((8 + 30) / (8 + 30 + 2))
+
+
+def test_confident_and_right_at_a_shallow_layer_pays():
+    conf, right, seq = _stats(600, [0.9, 0.9], [True, True])
+    r = simulate(conf, right, seq, [5], [0], 0.8, num_layers=L, max_draft=5, cost=COST)
+    assert r["tokens_per_step"] == pytest.approx(6.0, abs=0.05)
+    # 5 attempts of 6 layers + 1 check, then verification of all 30 layers (budget ran out)
+    assert r["speedup"] == pytest.approx(6 * 38 / (8 + 5 * 7 + 30), rel=0.02)
+
+
+def test_confident_but_wrong_drafts_lose_and_choose_prefers_right_layers():
+    conf = torch.tensor([[0.9, 0.9]] * 300)
+    right = torch.tensor([[False, True]] * 300)
+    seq = torch.zeros(300, dtype=torch.int32)
+    wrong = simulate(conf, right, seq, [5], [0], 0.8, num_layers=L, max_draft=5, cost=COST)
+    assert wrong["tokens_per_step"] == 1.0 and wrong["speedup"] < 1.0
+    best = choose(conf, right, seq, [5, 12], num_layers=L, cost=COST)["best"]
+    assert best["exit_layers"] == [12] and best["speedup"] > 1.0
