@@ -5,7 +5,8 @@ import torch
 
 from vllm_adadecode.training.select import CostModel, choose, simulate
 
-COST = CostModel(step_overhead_ms=8.0, layer_ms=1.0, draft_layer_ms=1.0, check_ms=1.0)
+COST = CostModel(step_overhead_ms=8.0, vanilla_layer_ms=1.0, layer_ms=1.0, draft_layer_ms=1.0,
+                 check_ms=1.0, attempt_ms=0.0)
 L = 30
 
 

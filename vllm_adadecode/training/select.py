@@ -11,26 +11,28 @@ The cost model follows the drafter and deferred verification as built
 (``vllm_adadecode/proposer.py``), at batch 1, where a layer pass costs about
 the same for one row as for the few rows of a verification step:
 
-* a vanilla step costs ``step_overhead_ms + layer_ms * L`` for one token
-  (``step_overhead_ms``: everything outside the decoder layers: LM head,
+* a vanilla step costs ``step_overhead_ms + vanilla_layer_ms * L`` for one
+  token (``step_overhead_ms``: everything outside the decoder layers: LM head,
   sampling, scheduling, input preparation);
 * each draft attempt runs the newest token alone through layers 0..d, where d
   is the exit layer it left at, or the last exit layer when no exit was
-  confident: ``draft_layer_ms * (d + 1) + check_ms * (exit checks made)``;
+  confident: ``attempt_ms + draft_layer_ms * (d + 1) + check_ms * (exit
+  checks made)``;
 * verification resumes every row at the depth its attempt reached (earlier
   drafts are carried as deep as later ones), so it runs only the layers after
   the shallowest row's depth: ``step_overhead_ms + layer_ms * (L - 1 - d_min)``.
   A last draft that was never attempted (the draft budget ran out) has depth -1.
 
-So a failed attempt costs only its exit checks and the gap between
-``draft_layer_ms`` and ``layer_ms`` (verification resumes it); an accepted draft
-that exits at e saves a whole step minus its own e + 1 layers, and a following
-attempt that goes deeper than e without exiting spends its extra layers twice.
+So a failed attempt costs its exit checks, its fixed cost, and the gap between
+the drafter's and verification's per-layer cost and vLLM's own forward; an
+accepted draft that exits at e saves a whole step minus its own e + 1 layers,
+and a following attempt that goes deeper than e without exiting spends its
+extra layers twice.
 
 The choice maximising predicted speedup over vanilla decoding wins.
 ``CostModel`` defaults were measured on this project's 2-core CPU machines with
-SmolLM2-135M-Instruct (fp32, batch 1; docs/HEADS.md); pass your own for other
-machines or models.
+SmolLM2-135M-Instruct (fp32, batch 1, compiled; ``scripts/time_step.py``,
+docs/HEADS.md); pass your own for other machines or models.
 """
 
 import itertools
@@ -41,10 +43,12 @@ import torch
 
 @dataclass(frozen=True)
 class CostModel:
-    step_overhead_ms: float = 8.0  # a step's time outside the decoder layers
-    layer_ms: float = 0.95  # one decoder layer in the target forward
-    draft_layer_ms: float = 1.05  # one decoder layer in a draft attempt (one row)
-    check_ms: float = 1.2  # one exit check: exit head, shortlist screen, dispatch
+    step_overhead_ms: float = 7.6  # a step's time outside the decoder layers
+    vanilla_layer_ms: float = 1.13  # one decoder layer in vLLM's own compiled forward
+    layer_ms: float = 1.32  # one decoder layer in the resumed (deferred) verification forward
+    draft_layer_ms: float = 1.40  # one decoder layer in a draft attempt (one row)
+    check_ms: float = 2.3  # one exit check: exit head, shortlist screen, metadata, dispatch
+    attempt_ms: float = 1.3  # fixed cost of one draft attempt (embedding, bookkeeping)
 
 
 def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, layers: list[int],
@@ -58,7 +62,7 @@ def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, lay
     good = right[:, cols].tolist()
     seq = seq_ids.tolist()
     n = len(seq)
-    vanilla_ms = cost.step_overhead_ms + cost.layer_ms * num_layers
+    vanilla_ms = cost.step_overhead_ms + cost.vanilla_layer_ms * num_layers
     tokens = spent = steps = 0.0
     t = 0
     while t < n:
@@ -71,12 +75,10 @@ def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, lay
         j = t
         while len(drafted) < max_draft and j < end:
             f = first[j]
-            if f < 0:
-                depth = layers[-1]
-                step_ms += cost.draft_layer_ms * (depth + 1) + cost.check_ms * len(layers)
+            depth, checks = (layers[-1], len(layers)) if f < 0 else (layers[f], f + 1)
+            step_ms += cost.attempt_ms + cost.draft_layer_ms * (depth + 1) + cost.check_ms * checks
+            if f < 0:  # no confident exit: drafting stops; verification resumes this attempt
                 break
-            depth = layers[f]
-            step_ms += cost.draft_layer_ms * (depth + 1) + cost.check_ms * (f + 1)
             drafted.append(good[j][f])
             j += 1
         else:
