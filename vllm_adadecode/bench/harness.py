@@ -398,7 +398,9 @@ def plot(doc: dict, path: str) -> None:
 
     concs = doc["settings"]["concurrency"]
     methods = [m["label"] for m in doc["methods"]]
-    fig, axes = plt.subplots(2, len(concs), figsize=(5.5 * len(concs), 7), squeeze=False)
+    legend_in = 0.18 * len(methods) + 0.15  # the legend goes below the panels
+    fig, axes = plt.subplots(2, len(concs), figsize=(5.5 * len(concs), 7 + legend_in),
+                             squeeze=False)
     for j, conc in enumerate(concs):
         recs = [r for r in doc["results"] if r["concurrency"] == conc]
         groups: list[tuple[str, dict[str, dict]]] = []
@@ -423,9 +425,10 @@ def plot(doc: dict, path: str) -> None:
             ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
             ax.set_xticklabels([g for g, _ in groups], rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{title}, concurrency {conc}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
     fig.suptitle(f"{os.path.basename(doc['settings']['model'])}, {doc['settings']['dtype']}, "
                  f"{doc['settings']['max_tokens']} new tokens", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (7 + legend_in), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
