@@ -399,8 +399,8 @@ def plot(doc: dict, path: str) -> None:
     concs = doc["settings"]["concurrency"]
     methods = [m["label"] for m in doc["methods"]]
     legend_in = 0.18 * len(methods) + 0.15  # the legend goes below the panels
-    fig, axes = plt.subplots(2, len(concs), figsize=(5.5 * len(concs), 7 + legend_in),
-                             squeeze=False)
+    width_in = max(5.5 * len(concs), 1.0 + 0.055 * max(map(len, methods)))
+    fig, axes = plt.subplots(2, len(concs), figsize=(width_in, 7 + legend_in), squeeze=False)
     for j, conc in enumerate(concs):
         recs = [r for r in doc["results"] if r["concurrency"] == conc]
         groups: list[tuple[str, dict[str, dict]]] = []
@@ -426,7 +426,8 @@ def plot(doc: dict, path: str) -> None:
             ax.set_xticklabels([g for g, _ in groups], rotation=45, ha="right", fontsize=7)
             ax.set_title(f"{title}, concurrency {conc}", fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
+    fig.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.01, 0.005), ncol=1,
+               fontsize=7, frameon=False)
     fig.suptitle(f"{os.path.basename(doc['settings']['model'])}, {doc['settings']['dtype']}, "
                  f"{doc['settings']['max_tokens']} new tokens", fontsize=10)
     fig.tight_layout(rect=(0, legend_in / (7 + legend_in), 1, 1))
