@@ -118,3 +118,31 @@ def test_shortlist_covers_held_out_tokens_and_rebuilds_identically(trained, tiny
     assert all(torch.equal(again.transforms[x], heads.transforms[x]) for x in heads.exit_layers)
     cfg2 = json.loads((out / "config.json").read_text())
     assert cfg2["training"]["shortlist_held_out_coverage"] == coverage
+
+
+def test_eval_heads_writes_agreement_calibration_and_predicted_speed(trained, tiny_llama,
+                                                                       tmp_path):
+    out, work, _ = trained
+    js, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "eval-heads", "--model", tiny_llama,
+         "--heads", str(out), "--data", "humaneval,mtbench", "--num-prompts", "8",
+         "--max-tokens", "24", "--work-dir", str(work), "--out-json", str(js),
+         "--out-png", str(png), "--log", str(tmp_path / "engine.log")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads(js.read_text())
+    heads = ExitHeads.load(out)
+    assert set(report["layers"]) == {str(x) for x in heads.exit_layers}
+    for r in report["layers"].values():
+        for kind in ("identity", "trained"):
+            assert 0.0 <= r[kind]["agreement"] <= 1.0
+    assert png.stat().st_size > 10_000
+    # --num-prompts 8 takes the first 8 of the list: all HumanEval
+    pred = report["predicted"]
+    assert set(pred) == {"humaneval"}
+    own = pred["humaneval"]["heads_config"]
+    assert own["exit_layers"] == heads.exit_layers and own["tokens_per_step"] >= 1.0
+    assert pred["humaneval"]["best"]["speedup"] >= own["speedup"] - 1e-9
+    assert "humaneval: predicted batch-1 speedup" in res.stdout

@@ -22,6 +22,11 @@ def _model_config(model_dir: str) -> dict:
     return cfg.get("text_config", cfg)
 
 
+def _cost_model(args) -> CostModel:
+    """The cost model from the command's --*-ms flags (cli._add_cost_model_args)."""
+    return CostModel(**{f: getattr(args, f) for f in CostModel.__dataclass_fields__})
+
+
 def _load_hf(model_dir: str):
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +89,7 @@ def train_command(args) -> dict:
         stats = exit_stats(head, held, probe)
         conf = torch.stack([stats[x]["conf"] for x in layers], 1)
         right = torch.stack([stats[x]["right"] for x in layers], 1)
-        cost = CostModel(**{f: getattr(args, f) for f in CostModel.__dataclass_fields__})
+        cost = _cost_model(args)
         selection = choose(conf, right, held.seq_ids, layers, num_layers=L,
                            max_draft=args.max_draft, cost=cost)
         best = selection["best"]
@@ -187,7 +192,7 @@ def shortlist_command(args) -> dict:
 def predict_speed(head, feats, heads, dataset_of: list[str], num_layers: int, args) -> dict:
     """Per dataset: the cost model's predicted batch-1 speedup for the heads'
     own exit layers and threshold, and for the best subset of them."""
-    cost = CostModel(**{f: getattr(args, f) for f in CostModel.__dataclass_fields__})
+    cost = _cost_model(args)
     stats = exit_stats(head, feats, heads.transforms)
     layers = heads.exit_layers
     conf = torch.stack([stats[x]["conf"] for x in layers], 1)
