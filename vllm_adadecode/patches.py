@@ -210,6 +210,19 @@ def install_runner_hooks() -> None:
 
     _model_forward._adadecode = True
     GPUModelRunner._model_forward = _model_forward
+
+    original_profile_run = GPUModelRunner.profile_run
+
+    def profile_run(self, *args, **kwargs):
+        # The engine's warm-up (on CPU, profile_run compiles vLLM's graphs):
+        # compile the drafter's layer segments too, so no request pays for it.
+        original_profile_run(self, *args, **kwargs)
+        warm_up = getattr(getattr(self, "drafter", None), "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+
+    profile_run._adadecode = True
+    GPUModelRunner.profile_run = profile_run
     _install_exact_match_verifier()
 
 
@@ -424,6 +437,13 @@ class AttentionContext:
             return segment(self.positions, hidden, residual)
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def compile_layers_enabled(vllm_config) -> bool:
     """Compile the drafter's layer segments like vLLM compiles the model: not
     under enforce_eager, and only where attention is an opaque custom op (the
@@ -489,6 +509,33 @@ class LayerSegments:
         code = run.__code__.replace(co_name=name, co_qualname=name)
         fn = types.FunctionType(code, run.__globals__, name, None, run.__closure__)
         return torch.compile(fn, dynamic=True)
+
+    def pieces(self, num_layers: int) -> list[tuple[int, int]]:
+        """Every segment a range over layers [0, num_layers) can be cut into."""
+        cuts = [0] + [b for b in self.boundaries if 0 < b < num_layers] + [num_layers]
+        return list(zip(cuts, cuts[1:]))
+
+    def warm_up(self, vllm_config, hidden_size: int, dtype) -> int:
+        """Build (compile) every piece now, for one row and for several rows
+        (torch.compile specialises a dimension of size 1), inside a forward
+        context without attention metadata: attention and KV writes are
+        skipped, as in vLLM's own warm-up. Returns the pieces run."""
+        from vllm.forward_context import set_forward_context
+
+        ran = 0
+        for start, end in self.pieces(len(self.layers)):
+            fn = self._piece(start, end)
+            for rows in (1, 2):
+                # Inference tensors, as in decoding (dynamo guards on the
+                # dispatch keys).
+                with torch.inference_mode(), set_forward_context(
+                        None, vllm_config, num_tokens=rows, slot_mapping={}):
+                    positions = torch.arange(rows, dtype=torch.int64)
+                    hidden = torch.zeros(rows, hidden_size, dtype=dtype)
+                    residual = None if start == 0 else torch.zeros_like(hidden)
+                    fn(positions, hidden, residual)
+            ran += 1
+        return ran
 
     @property
     def num_compiled(self) -> int:

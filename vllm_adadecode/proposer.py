@@ -57,6 +57,7 @@ class AdaDecodeProposer:
         self.config = AdaDecodeConfig.from_dict(vllm_config.additional_config["adadecode"])
         self.max_model_len = vllm_config.model_config.max_model_len
         self.model = None
+        self._graphs_at_start: int | None = None
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         self._reset_stats()
         # Drafts proposed in the previous step, per request: their exit layers.
@@ -107,6 +108,10 @@ class AdaDecodeProposer:
             "attempt_layers_reused": self.attempt_layers_reused,
             "num_layers": self.num_layers,
             "compiled_segments": self.segments.num_compiled if self.model is not None else 0,
+            # torch.compile graphs built after the engine's warm-up (cumulative):
+            # 0 means no request waited for a compilation.
+            "graphs_compiled_serving": (patches.dynamo_graphs() - self._graphs_at_start
+                                        if self._graphs_at_start is not None else None),
             "exits": {str(k): v for k, v in sorted(self.exit_counts.items())},
             "accepted_by_exit": {str(k): v for k, v in sorted(self.accepted_by_exit.items())},
             "rejected_by_exit": {str(k): v for k, v in sorted(self.rejected_by_exit.items())},
@@ -166,6 +171,17 @@ class AdaDecodeProposer:
             x: None if heads.is_identity(x) else heads.transforms[x].to(param.dtype)
             for x in self.config.exit_layers
         }
+
+    def warm_up(self) -> None:
+        """Compile the layer segments at engine start (called after vLLM's
+        own warm-up), so the first requests that draft do not wait for it."""
+        if self.model is None or not self.segments.compile:
+            return
+        t0 = time.perf_counter()
+        n = self.segments.warm_up(self.vllm_config, self.hidden_size, self.dtype)
+        self._graphs_at_start = patches.dynamo_graphs()
+        patches.logger.info("AdaDecode: compiled %d layer segments in %.1f s", n,
+                            time.perf_counter() - t0)
 
     def propose(self, *args, **kwargs):  # vLLM's custom-class signature
         raise RuntimeError(
