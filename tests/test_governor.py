@@ -53,3 +53,31 @@ def test_idle_gaps_are_not_steps():
     assert gov.rate(1, True) is None
     gov.decide(100.05, 2, 1)
     assert gov.rate(1, False) is not None or gov.rate(1, True) is not None
+
+
+def _drifting(gov: Governor, sizes: list[int], draft_cost: float) -> list[bool]:
+    """Throughput grows with the batch (step time flat, one token per request);
+    drafting makes each step ``draft_cost`` times longer and emits 3% more."""
+    choices, t, emitted = [], 0.0, 0
+    for b in sizes:
+        choice = gov.decide(t, emitted, b)
+        choices.append(choice)
+        t += 0.1 * (draft_cost if choice else 1.0)
+        emitted = round(b * (1.03 if choice else 1.0) * 100)
+    return choices
+
+
+def test_batch_drift_within_a_bucket_does_not_fool_the_comparison():
+    # Requests arrive: 8 -> 15 in one bucket. Drafting loses 7% at every size,
+    # but unpaired medians would compare drafting at 15 against not drafting
+    # at 8 and draft.
+    sizes = [8 + i // 20 for i in range(160)]
+    gov = Governor(explore_every=16)
+    choices = _drifting(gov, sizes, draft_cost=1.10)
+    assert sum(choices[20:]) / len(choices[20:]) < 0.15
+    assert gov.paired_ratio(4) < 1.0
+    # and drafting that wins at every size is kept while requests finish
+    gov = Governor(explore_every=16)
+    choices = _drifting(gov, sizes[::-1], draft_cost=0.95)
+    assert sum(choices[20:]) / len(choices[20:]) > 0.85
+    assert gov.paired_ratio(4) > 1.0

@@ -12,6 +12,13 @@ prompts, other load) is re-decided.
 An observation spans one drafting call to the next: the drafting done in call
 t, then the engine step that verifies it; the tokens that step emitted arrive
 with call t+1. Pure Python, no vLLM: unit-tested on its own.
+
+Rates are compared in pairs: a step that drafted and an adjacent step that did
+not, at the same batch size, give one ratio. Within a bucket the batch size
+drifts (requests finish or arrive), and throughput moves with it; medians of
+unpaired rates taken at different moments can then favour whichever choice
+happened to be measured at the larger batch. Paired ratios cancel that. Until a
+bucket has a pair, its unpaired medians decide.
 """
 
 from __future__ import annotations
@@ -26,9 +33,13 @@ class Governor:
         self.window = window
         self.max_gap_s = max_gap_s  # longer gaps are idle time, not a step
         self.rates: dict[tuple[int, bool], deque] = {}
+        # Per bucket: rate after drafting / rate after not drafting, for
+        # adjacent steps at the same batch size.
+        self.pairs: dict[int, deque] = {}
         self.steps: Counter[int] = Counter()
         self.decisions: Counter[tuple[int, bool]] = Counter()
-        self._last: tuple[float, int, bool] | None = None
+        self._last: tuple[float, int, bool, int] | None = None  # time, bucket, choice, batch
+        self._prev: tuple[int, bool, float] | None = None  # last observation: batch, choice, rate
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -39,35 +50,59 @@ class Governor:
         r = self.rates.get((bucket, drafted))
         return statistics.median(r) if r else None
 
+    def paired_ratio(self, bucket: int) -> float | None:
+        """Median of (drafting rate / non-drafting rate) over adjacent pairs."""
+        p = self.pairs.get(bucket)
+        return statistics.median(p) if p else None
+
+    def _observe(self, now: float, tokens_emitted: int) -> None:
+        t0, b, drafted, size = self._last
+        dt = now - t0
+        if not (0 < dt <= self.max_gap_s and tokens_emitted > 0):
+            self._prev = None
+            return
+        rate = tokens_emitted / dt
+        self.rates.setdefault((b, drafted), deque(maxlen=self.window)).append(rate)
+        prev = self._prev
+        if prev is not None and prev[0] == size and prev[1] != drafted:
+            ratio = rate / prev[2] if drafted else prev[2] / rate
+            self.pairs.setdefault(b, deque(maxlen=self.window)).append(ratio)
+        self._prev = (size, drafted, rate)
+
+    def _best(self, b: int) -> bool | None:
+        """Whether drafting pays in bucket b; None when not yet measured both ways."""
+        ratio = self.paired_ratio(b)
+        if ratio is not None:
+            return ratio >= 1.0
+        with_draft, without = self.rate(b, True), self.rate(b, False)
+        if with_draft is None or without is None:
+            return None
+        return with_draft >= without
+
     def decide(self, now: float, tokens_emitted: int, batch_size: int) -> bool:
         """Record the step that just finished; return whether to draft now."""
         if self._last is not None:
-            t0, b, drafted = self._last
-            dt = now - t0
-            if 0 < dt <= self.max_gap_s and tokens_emitted > 0:
-                self.rates.setdefault((b, drafted), deque(maxlen=self.window)).append(
-                    tokens_emitted / dt)
+            self._observe(now, tokens_emitted)
         b = self.bucket(batch_size)
         n = self.steps[b]
         self.steps[b] += 1
-        with_draft, without = self.rate(b, True), self.rate(b, False)
-        if with_draft is None:
-            choice = True
-        elif without is None:
-            choice = False
+        best = self._best(b)
+        if best is None:  # measure drafting first, then not drafting
+            choice = self.rate(b, True) is None
         else:
-            best = with_draft >= without
             choice = (not best) if n % self.explore_every == 0 else best
-        self._last = (now, b, choice)
+        self._last = (now, b, choice, batch_size)
         self.decisions[(b, choice)] += 1
         return choice
 
     def idle(self) -> None:
         """No step follows (nothing to decode): the next gap is not a step."""
         self._last = None
+        self._prev = None
 
     def summary(self) -> dict[str, dict]:
-        """Per bucket (named by its batch sizes): steps drafted/skipped and median rates."""
+        """Per bucket (named by its batch sizes): steps drafted/skipped, median
+        rates, and the paired drafting/not-drafting ratio that decides."""
         out = {}
         for b in sorted(self.steps):
             lo, hi = (1 << (b - 1)), (1 << b) - 1
@@ -77,5 +112,7 @@ class Governor:
                 "skip_steps": self.decisions[(b, False)],
                 "tokens_per_s_drafting": self.rate(b, True),
                 "tokens_per_s_not_drafting": self.rate(b, False),
+                "paired_ratio": self.paired_ratio(b),
+                "pairs": len(self.pairs.get(b, ())),
             }
         return out
