@@ -64,10 +64,14 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict:
             "by_threshold": by_threshold, "calibration": calib}
 
 
-def evaluate(head: FrozenHead, feats: Features, trained: dict[int, torch.Tensor]) -> dict:
+def evaluate(head: FrozenHead, feats: Features, trained: dict[int, torch.Tensor],
+             t_stats: dict | None = None) -> dict:
+    """Trained heads against identity heads, per layer. ``t_stats``: the trained
+    heads' exit_stats when the caller has them already."""
     layers = [x for x in feats.layers if x in trained]
     out = {"tokens": len(feats), "layers": {}}
-    t_stats = exit_stats(head, feats, {x: trained[x] for x in layers})
+    if t_stats is None:
+        t_stats = exit_stats(head, feats, {x: trained[x] for x in layers})
     i_stats = exit_stats(head, feats, {x: None for x in layers})
     for x in layers:
         out["layers"][str(x)] = {"trained": summarize(t_stats[x]),

@@ -189,11 +189,11 @@ def shortlist_command(args) -> dict:
     return {"size": int(heads.shortlist.numel()), "held_out_coverage": coverage}
 
 
-def predict_speed(head, feats, heads, dataset_of: list[str], num_layers: int, args) -> dict:
+def predict_speed(stats, feats, heads, dataset_of: list[str], num_layers: int, args) -> dict:
     """Per dataset: the cost model's predicted batch-1 speedup for the heads'
-    own exit layers and threshold, and for the best subset of them."""
+    own exit layers and threshold, and for the best subset of them (``stats``:
+    exit_stats of the heads on ``feats``)."""
     cost = _cost_model(args)
-    stats = exit_stats(head, feats, heads.transforms)
     layers = heads.exit_layers
     conf = torch.stack([stats[x]["conf"] for x in layers], 1)
     right = torch.stack([stats[x]["right"] for x in layers], 1)
@@ -232,8 +232,9 @@ def eval_command(args) -> dict:
     hf = _load_hf(args.model)
     head = FrozenHead.from_hf(hf)
     feats = D.collect_features(hf, seqs, heads.exit_layers)
-    report = evaluate(head, feats, heads.transforms)
-    report["predicted"] = predict_speed(head, feats, heads, dataset_of,
+    stats = exit_stats(head, feats, heads.transforms)
+    report = evaluate(head, feats, heads.transforms, stats)
+    report["predicted"] = predict_speed(stats, feats, heads, dataset_of,
                                         _model_config(args.model)["num_hidden_layers"], args)
     report["heads"] = str(args.heads)
     report["data"] = args.data
