@@ -1,0 +1,1 @@
+"""Exit heads shipped with vllm-adadecode, one folder per base model (data only)."""
