@@ -475,8 +475,7 @@ class LayerSegments:
     def __call__(self, start: int, end: int):
         fn = self._ranges.get((start, end))
         if fn is None:
-            cuts = [start] + [b for b in self.boundaries if start < b < end] + [end]
-            pieces = [self._piece(a, b) for a, b in zip(cuts, cuts[1:])]
+            pieces = [self._piece(a, b) for a, b in self.pieces(start, end)]
             if len(pieces) == 1:
                 fn = pieces[0]
             else:
@@ -510,9 +509,9 @@ class LayerSegments:
         fn = types.FunctionType(code, run.__globals__, name, None, run.__closure__)
         return torch.compile(fn, dynamic=True)
 
-    def pieces(self, num_layers: int) -> list[tuple[int, int]]:
-        """Every segment a range over layers [0, num_layers) can be cut into."""
-        cuts = [0] + [b for b in self.boundaries if 0 < b < num_layers] + [num_layers]
+    def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Layers [start, end) cut at the boundaries inside them."""
+        cuts = [start] + [b for b in self.boundaries if start < b < end] + [end]
         return list(zip(cuts, cuts[1:]))
 
     def warm_up(self, vllm_config, hidden_size: int, dtype) -> int:
@@ -522,8 +521,8 @@ class LayerSegments:
         skipped, as in vLLM's own warm-up. Returns the pieces run."""
         from vllm.forward_context import set_forward_context
 
-        ran = 0
-        for start, end in self.pieces(len(self.layers)):
+        pieces = self.pieces(0, len(self.layers))
+        for start, end in pieces:
             fn = self._piece(start, end)
             for rows in (1, 2):
                 # Inference tensors, as in decoding (dynamo guards on the
@@ -534,8 +533,7 @@ class LayerSegments:
                     hidden = torch.zeros(rows, hidden_size, dtype=dtype)
                     residual = None if start == 0 else torch.zeros_like(hidden)
                     fn(positions, hidden, residual)
-            ran += 1
-        return ran
+        return len(pieces)
 
     @property
     def num_compiled(self) -> int:
