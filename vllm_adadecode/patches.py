@@ -507,7 +507,22 @@ class LayerSegments:
         name = f"adadecode_layers_{start}_{end}"
         code = run.__code__.replace(co_name=name, co_qualname=name)
         fn = types.FunctionType(code, run.__globals__, name, None, run.__closure__)
-        return torch.compile(fn, dynamic=True)
+        # As vLLM compiles the model: static shapes except the token
+        # dimension. dynamic=True would also make the hidden dimension
+        # symbolic, and its generic matmuls measured 10-18% slower per layer
+        # (docs/PERFORMANCE.md section 8). One row gets a graph of its own.
+        compiled = torch.compile(fn, dynamic=False)
+        from torch._dynamo import mark_dynamic as mark
+
+        def call(positions, hidden, residual):
+            if positions.shape[0] > 1:
+                mark(positions, 0)
+                mark(hidden, 0)
+                if residual is not None:
+                    mark(residual, 0)
+            return compiled(positions, hidden, residual)
+
+        return call
 
     def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
         """Layers [start, end) cut at the boundaries inside them."""
