@@ -81,3 +81,24 @@ def test_batch_drift_within_a_bucket_does_not_fool_the_comparison():
     choices = _drifting(gov, sizes[::-1], draft_cost=0.95)
     assert sum(choices[20:]) / len(choices[20:]) > 0.85
     assert gov.paired_ratio(4) > 1.0
+
+
+def test_rechecks_thin_out_when_the_verdict_is_clear_and_come_back_when_it_changes():
+    # Batch 1, drafting 25% slower: re-checks thin out from every 16th step
+    # to every 64th.
+    gov = Governor(explore_every=16, max_explore_every=64)
+    losing = {True: 0.05, False: 0.04}, {True: 1, False: 1}
+    choices, t = simulate(gov, 2000, 1, *losing)
+    assert 2000 / 80 < sum(choices) < 2000 / 40  # every 16th step would be 125
+    assert gov.summary()["1"]["recheck_every"] == 64
+    # The load changes: drafting now emits 2 tokens per step (1.6x). The
+    # re-checks see it, the bucket switches to drafting, and the spacing
+    # returns to the base rate while the ratio is still mixed.
+    choices, _ = simulate(gov, 1000, 1, {True: 0.05, False: 0.04}, {True: 2, False: 1}, t)
+    assert sum(choices[-200:]) / 200 > 0.9
+    assert gov.paired_ratio(1) > 1.0
+    # A close call keeps the base rate.
+    gov = Governor(explore_every=16, max_explore_every=64)
+    choices, _ = simulate(gov, 2000, 1, {True: 0.042, False: 0.04}, {True: 1, False: 1})
+    assert gov.summary()["1"]["recheck_every"] == 16
+    assert sum(choices) > 2000 / 20

@@ -19,6 +19,12 @@ drifts (requests finish or arrive), and throughput moves with it; medians of
 unpaired rates taken at different moments can then favour whichever choice
 happened to be measured at the larger batch. Paired ratios cancel that. Until a
 bucket has a pair, its unpaired medians decide.
+
+Re-checks cost: where drafting loses by 20%, re-checking every 16th step costs
+about 1.5% of decoding. A re-check that finds the paired ratio clearly away
+from 1 (by ``settled_margin`` or more) doubles the bucket's interval, up to
+``max_explore_every``; a close ratio, or a change of decision, brings it back to
+``explore_every``.
 """
 
 from __future__ import annotations
@@ -28,8 +34,16 @@ from collections import Counter, deque
 
 
 class Governor:
-    def __init__(self, explore_every: int = 16, window: int = 16, max_gap_s: float = 5.0):
+    def __init__(self, explore_every: int = 16, window: int = 16, max_gap_s: float = 5.0,
+                 max_explore_every: int = 64, settled_margin: float = 0.1):
         self.explore_every = explore_every
+        self.max_explore_every = max(explore_every, max_explore_every)
+        self.settled_margin = settled_margin
+        # Per bucket: steps between re-checks, steps since the last one, and
+        # the decision they re-check.
+        self.interval: dict[int, int] = {}
+        self._since: Counter[int] = Counter()
+        self._decided: dict[int, bool] = {}
         self.window = window
         self.max_gap_s = max_gap_s  # longer gaps are idle time, not a step
         self.rates: dict[tuple[int, bool], deque] = {}
@@ -84,16 +98,31 @@ class Governor:
         if self._last is not None:
             self._observe(now, tokens_emitted)
         b = self.bucket(batch_size)
-        n = self.steps[b]
         self.steps[b] += 1
         best = self._best(b)
         if best is None:  # measure drafting first, then not drafting
             choice = self.rate(b, True) is None
         else:
-            choice = (not best) if n % self.explore_every == 0 else best
+            choice = self._choose(b, best)
         self._last = (now, b, choice, batch_size)
         self.decisions[(b, choice)] += 1
         return choice
+
+    def _choose(self, b: int, best: bool) -> bool:
+        """``best``, except on re-check steps, whose spacing adapts."""
+        if self._decided.get(b) != best:  # new decision: re-check at the base rate
+            self._decided[b] = best
+            self.interval[b] = self.explore_every
+            self._since[b] = 0
+        self._since[b] += 1
+        if self._since[b] <= self.interval[b]:
+            return best
+        self._since[b] = 0
+        ratio = self.paired_ratio(b)
+        settled = ratio is not None and abs(ratio - 1.0) >= self.settled_margin
+        self.interval[b] = (min(2 * self.interval[b], self.max_explore_every) if settled
+                            else self.explore_every)
+        return not best
 
     def idle(self) -> None:
         """No step follows (nothing to decode): the next gap is not a step."""
@@ -114,5 +143,6 @@ class Governor:
                 "tokens_per_s_not_drafting": self.rate(b, False),
                 "paired_ratio": self.paired_ratio(b),
                 "pairs": len(self.pairs.get(b, ())),
+                "recheck_every": self.interval.get(b, self.explore_every),
             }
         return out
