@@ -19,7 +19,6 @@ import argparse
 import collections
 import statistics
 import time
-import types
 
 import torch
 
@@ -42,17 +41,8 @@ def main() -> None:
     shipped_build = patches.LayerSegments._build
 
     def dynamic_build(segs, start, end):
-        mods = tuple(segs.layers[start:end])
-
-        def run(positions, hidden, residual):
-            for layer in mods:
-                hidden, residual = layer(positions, hidden, residual)
-            return hidden, residual
-
-        name = f"dynamic_layers_{start}_{end}"
-        code = run.__code__.replace(co_name=name, co_qualname=name)
-        return torch.compile(types.FunctionType(code, run.__globals__, name, None,
-                                                run.__closure__), dynamic=True)
+        return torch.compile(patches.layer_run(segs.layers[start:end],
+                                               f"dynamic_layers_{start}_{end}"), dynamic=True)
 
     def alternating_build(segs, start, end):
         builds = [("static (shipped)", shipped_build(segs, start, end)),
