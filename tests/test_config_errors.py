@@ -32,6 +32,16 @@ def _start(model, spec, **kw):
         ({"num_speculative_tokens": 0}, r"'num_speculative_tokens' must be an integer >= 1"),
         ({"adaptive": "yes"}, r"'adaptive' must be true or false"),
         ({"shortlist": 1}, r"'shortlist' must be true or false"),
+        ({"lookup": "on"}, r"'lookup' must be true or false"),
+        ({"lookup_cache": None}, r"'lookup_cache' must be true or false"),
+        ({"self_draft": 0}, r"'self_draft' must be true or false"),
+        ({"lookup_min_match": 0}, r"'lookup_min_match' must be an integer >= 1"),
+        ({"lookup_max_match": 2.5}, r"'lookup_max_match' must be an integer >= 1"),
+        ({"lookup_min_match": 4, "lookup_max_match": 3},
+         r"'lookup_max_match' \(3\) must be >= 'lookup_min_match' \(4\)"),
+        ({"lookup_max_tokens": 9}, r"'lookup_max_tokens' \(9\) must be <= "
+                                   r"'num_speculative_tokens' \(5\)"),
+        ({"lookup_cache_tokens": 8}, r"'lookup_cache_tokens' must be an integer >= 16"),
     ],
 )
 def test_bad_setting_fails_at_engine_start(tiny_llama, spec, message):
@@ -134,8 +144,10 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
     assert cfg.speculative_config.method == "custom_class"
     assert cfg.additional_config["adadecode"] == {
         "exit_layers": [1, 3], "threshold": 0.5, "num_speculative_tokens": 4, "heads": None,
-        "adaptive": True, "deferred": True,
-        "shortlist": True}
+        "adaptive": True, "deferred": True, "shortlist": True,
+        "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
+        "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 65536,
+        "self_draft": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
 
 

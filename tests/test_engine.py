@@ -14,8 +14,10 @@ from vllm_adadecode.prompts import mixed
 pytestmark = pytest.mark.engine
 
 # adaptive off: these tests are about drafting itself, which must happen every step
+# lookup off: they test early-exit self-drafts (lookups have tests of their own)
 TINY_SPEC = {"method": "adadecode", "exit_layers": [1, 3, 5], "threshold": 0.005,
-             "num_speculative_tokens": 4, "adaptive": False, "deferred": False}
+             "num_speculative_tokens": 4, "adaptive": False, "deferred": False,
+             "lookup": False}
 DEFERRED = {**TINY_SPEC, "deferred": True}
 PROMPTS8 = [p.text for p in mixed(8)]
 MIXED_SAMPLING = [
@@ -88,7 +90,8 @@ def test_smollm2_exit_at_last_layer_accepts_every_draft(engine, smollm2):
     """The last layer's exit head (identity) is the full model: every draft is right."""
     ada = engine(model=smollm2, prompts=PROMPTS8, max_tokens=64, concurrency=4,
                  speculative_config={"method": "adadecode", "exit_layers": [29],
-                                     "threshold": 0.05, "adaptive": False})
+                                     "threshold": 0.05, "adaptive": False,
+                                     "lookup": False})
     spec = ada["spec"]
     assert spec["num_draft_tokens"] > 100
     assert spec["num_accepted_tokens"] == spec["num_draft_tokens"]

@@ -147,6 +147,7 @@ def cmd_bench(args) -> int:
           f"seed {args.seed}, repeats {args.repeats}; engine logs: {args.log}", flush=True)
     doc = H.run(model=model, methods=methods, datasets=datasets, concurrency=concurrency,
                 max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed,
+                max_model_len=args.max_model_len,
                 repeats=args.repeats, enforce_eager=args.enforce_eager, log_path=args.log)
     doc["settings"]["command"] = "vllm-adadecode bench " + " ".join(
         a if " " not in a and "{" not in a else repr(a) for a in args.argv[1:])
@@ -295,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeat for several (default: vanilla, adadecode, ngram; vanilla "
                         "always runs)")
     b.add_argument("--draft-model", help="draft model folder for the draft_model method")
-    b.add_argument("--dataset", help="humaneval, mtbench and/or sharegpt, comma-separated "
-                                     "(evaluation split; default humaneval)")
+    b.add_argument("--dataset", help="humaneval, mtbench, sharegpt and/or documents, "
+                                     "comma-separated (evaluation split; default humaneval)")
     b.add_argument("--prompts", help='JSONL: one {"prompt": ...} or {"turns": [...]} per line, '
                                      'optional "category"')
     b.add_argument("--num-prompts", type=int, default=16,
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", default="1", help="requests in flight; a list sweeps, "
                                                       "e.g. 1,4,16")
     b.add_argument("--dtype", default="float32")
+    b.add_argument("--max-model-len", type=int,
+                   help="engine max_model_len (default 2048; 4096 with --dataset documents)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--repeats", type=int, default=2,
                    help="run the whole method list this many times (drift shows as a range)")

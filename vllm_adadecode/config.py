@@ -24,7 +24,14 @@ DEFAULT_THRESHOLD = 0.75
 DEFAULT_NUM_SPECULATIVE_TOKENS = 5
 
 # Keys AdaDecode owns inside the speculative config (besides vLLM's own below).
-ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred", "shortlist")
+ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred", "shortlist",
+                  "lookup", "lookup_min_match", "lookup_max_match", "lookup_max_tokens",
+                  "lookup_cache", "lookup_cache_tokens", "self_draft")
+# Lookup defaults: match 2-5 tokens (vLLM's ngram bench settings), a cache of
+# earlier responses of up to 65,536 tokens (256 KiB).
+DEFAULT_LOOKUP_MIN_MATCH = 2
+DEFAULT_LOOKUP_MAX_MATCH = 5
+DEFAULT_LOOKUP_CACHE_TOKENS = 65536
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
 VLLM_KEYS = ("method", "num_speculative_tokens", "model")
 ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
@@ -60,6 +67,22 @@ class AdaDecodeConfig:
     heads folder has one); only rows that pass are checked on the full LM head,
     so every exit decision is the one the full LM head would make for tokens in
     the shortlist."""
+    lookup: bool = True
+    """Lookup drafts: propose the tokens that followed the longest earlier
+    occurrence of the request's newest tokens (prompt and output so far)."""
+    lookup_min_match: int = DEFAULT_LOOKUP_MIN_MATCH
+    """Shortest suffix (tokens) that must recur for a lookup draft."""
+    lookup_max_match: int = DEFAULT_LOOKUP_MAX_MATCH
+    """Longest suffix the matcher tries."""
+    lookup_max_tokens: int | None = None
+    """Most lookup tokens per step (None: num_speculative_tokens); each request
+    drafts fewer as its observed acceptance says."""
+    lookup_cache: bool = True
+    """Also match against earlier responses of this engine (bounded cache)."""
+    lookup_cache_tokens: int = DEFAULT_LOOKUP_CACHE_TOKENS
+    """Capacity of that cache in tokens; the oldest responses are evicted first."""
+    self_draft: bool = True
+    """Early-exit self-drafts (from where a lookup draft ends, or alone)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -76,7 +99,22 @@ class AdaDecodeConfig:
             adaptive=bool(d.get("adaptive", True)),
             deferred=bool(d.get("deferred", True)),
             shortlist=bool(d.get("shortlist", True)),
+            lookup=bool(d.get("lookup", True)),
+            lookup_min_match=int(d.get("lookup_min_match", DEFAULT_LOOKUP_MIN_MATCH)),
+            lookup_max_match=int(d.get("lookup_max_match", DEFAULT_LOOKUP_MAX_MATCH)),
+            lookup_max_tokens=(None if d.get("lookup_max_tokens") is None
+                               else int(d["lookup_max_tokens"])),
+            lookup_cache=bool(d.get("lookup_cache", True)),
+            lookup_cache_tokens=int(d.get("lookup_cache_tokens", DEFAULT_LOOKUP_CACHE_TOKENS)),
+            self_draft=bool(d.get("self_draft", True)),
         )
+
+    @property
+    def lookup_tokens(self) -> int:
+        """Most lookup tokens a request may draft in one step."""
+        if self.lookup_max_tokens is None:
+            return self.num_speculative_tokens
+        return min(self.lookup_max_tokens, self.num_speculative_tokens)
 
 
 def default_exit_layers(num_hidden_layers: int) -> tuple[int, ...]:
@@ -246,13 +284,36 @@ def resolve(
     num_spec = merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
     num_spec = validate_num_speculative_tokens(num_spec)
     flags = {}
-    for key, default in (("adaptive", True), ("deferred", True), ("shortlist", True)):
+    for key, default in (("adaptive", True), ("deferred", True), ("shortlist", True),
+                         ("lookup", True), ("lookup_cache", True), ("self_draft", True)):
         flags[key] = merged.pop(key, default)
         if not isinstance(flags[key], bool):
             raise AdaDecodeConfigError(
                 f"adadecode '{key}' must be true or false, got {flags[key]!r}")
+    ints = {}
+    for key, default, low in (("lookup_min_match", DEFAULT_LOOKUP_MIN_MATCH, 1),
+                              ("lookup_max_match", DEFAULT_LOOKUP_MAX_MATCH, 1),
+                              ("lookup_max_tokens", None, 1),
+                              ("lookup_cache_tokens", DEFAULT_LOOKUP_CACHE_TOKENS, 16)):
+        value = merged.pop(key, default)
+        if value is None and default is None:
+            ints[key] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise AdaDecodeConfigError(
+                f"adadecode '{key}' must be an integer >= {low}, got {value!r}")
+        ints[key] = value
+    if ints["lookup_max_match"] < ints["lookup_min_match"]:
+        raise AdaDecodeConfigError(
+            f"adadecode 'lookup_max_match' ({ints['lookup_max_match']}) must be >= "
+            f"'lookup_min_match' ({ints['lookup_min_match']})")
+    if ints["lookup_max_tokens"] is not None and ints["lookup_max_tokens"] > num_spec:
+        raise AdaDecodeConfigError(
+            f"adadecode 'lookup_max_tokens' ({ints['lookup_max_tokens']}) must be <= "
+            f"'num_speculative_tokens' ({num_spec}): a step drafts at most that many tokens")
     assert not merged, merged
     return AdaDecodeConfig(
+        **ints,
         exit_layers=exit_layers,
         threshold=threshold,
         num_speculative_tokens=num_spec,

@@ -41,6 +41,7 @@ from . import config as adacfg
 PINNED_VLLM_VERSION = "0.32.0"
 PROPOSER_PATH = "vllm_adadecode.proposer.AdaDecodeProposer"
 STATS_RPC = "adadecode_stats"
+STEP_TIMES_RPC = "adadecode_step_times"
 
 logger = logging.getLogger("vllm_adadecode")
 
@@ -170,6 +171,55 @@ def install_engine_hooks() -> None:
             return stats(reset=reset) if callable(stats) else None
 
         setattr(WorkerBase, STATS_RPC, adadecode_stats)
+
+    if not hasattr(WorkerBase, STEP_TIMES_RPC):
+
+        def adadecode_step_times(self, reset: bool = True):
+            """Seconds this worker's runner spent per part of its steps since
+            the last read (timers installed on the first call)."""
+            runner = getattr(self, "model_runner", None)
+            return step_times(runner, reset=reset) if runner is not None else None
+
+        setattr(WorkerBase, STEP_TIMES_RPC, adadecode_step_times)
+
+
+# ---------------------------------------------------------------------------
+# Step timers (any engine, for benchmarks): where a step's time goes
+# ---------------------------------------------------------------------------
+# Runner methods timed, and the part of a step each one is.
+_TIMED = (("execute_model", "execute"), ("sample_tokens", "sample_and_draft"),
+          ("_model_forward", "forward"), ("propose_draft_token_ids", "drafting"))
+
+
+def step_times(runner, reset: bool = True) -> dict:
+    """Seconds spent in the runner's execute_model (its forward, and the rest),
+    in sample_tokens (sampling, verification, bookkeeping and the drafter's
+    call) and in the drafter alone, plus the number of steps. The first call
+    installs the timers (instance attributes) and returns zeros."""
+    import time
+
+    acc = getattr(runner, "_adadecode_times", None)
+    if acc is None:
+        acc = runner._adadecode_times = dict.fromkeys([k for _, k in _TIMED], 0.0)
+        acc["steps"] = 0
+        for name, key in _TIMED:
+            original = getattr(runner, name)
+
+            def timed(*a, _orig=original, _key=key, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    acc[_key] += time.perf_counter() - t0
+                    if _key == "execute":
+                        acc["steps"] += 1
+
+            setattr(runner, name, timed)
+    out = dict(acc)
+    if reset:
+        for k in acc:
+            acc[k] = 0 if k == "steps" else 0.0
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +381,15 @@ def lm_head_rows(model, token_ids: torch.Tensor):
     return weight[token_ids].clone(), float(getattr(proc, "scale", 1.0))
 
 
+def ngram_matcher():
+    """vLLM's n-gram matcher (numba): (tokens, min_n, max_n, max_len, k) -> the
+    up-to-k tokens that followed the longest earlier occurrence of the suffix."""
+    from vllm.v1.spec_decode.ngram_proposer import (
+        _find_longest_matched_ngram_and_propose_tokens as match)
+
+    return match
+
+
 def tp_agree(flag: bool) -> bool:
     """Tensor-parallel rank 0's ``flag`` on every rank (ranks time themselves
     separately, but must all draft, or all not, since drafting runs collectives)."""
@@ -379,6 +438,18 @@ class RunnerBatch:
 
     def num_tokens(self, row: int) -> int:
         return int(self.input_batch.num_tokens_no_spec[row])
+
+    def token_ids(self, row: int):
+        """The request's tokens so far, prompt and output (a numpy view)."""
+        return self.input_batch.token_ids_cpu[row, : self.num_tokens(row)]
+
+    def request_state(self, req_id: str):
+        """The runner's per-request record (its ``output_token_ids`` list keeps
+        growing while the request runs), or None once the runner dropped it."""
+        return self.runner.requests.get(req_id)
+
+    def output_token_ids(self, state) -> list[int]:
+        return state.output_token_ids
 
     def attention(self, *, positions, rows, query_lens) -> "AttentionContext":
         """Attention metadata and KV slots for a contiguous query suffix of each

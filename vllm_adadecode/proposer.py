@@ -25,9 +25,20 @@ import torch
 
 from . import patches
 from .config import AdaDecodeConfig
+from .drafts.adapt import DraftAdaptation
+from .drafts.lookup import ResponseCache, SequenceLookup
 from .governor import Governor
 from .heads import ExitHeads
 from .policy import carried_suffix, draft_budget, exits, top1
+
+# Draft sources other than an exit layer (exit layers are >= 0).
+LOOKUP = -1  # the request's own earlier tokens
+CACHE = -2  # an earlier response of this engine
+SOURCE_NAMES = {LOOKUP: "lookup", CACHE: "cache"}
+
+
+def source_name(source: int) -> str:
+    return SOURCE_NAMES.get(source, "exit")
 
 
 @dataclass
@@ -39,7 +50,10 @@ class _Draft:
     position: int
     budget: int
     drafted: list[int] = field(default_factory=list)
-    exit_layers: list[int] = field(default_factory=list)  # where each drafted token exited
+    # Where each drafted token came from: its exit layer, or LOOKUP / CACHE.
+    exit_layers: list[int] = field(default_factory=list)
+    self_attempt: bool = False  # early-exit drafting ran for this request
+    n_lookup: int = 0  # leading drafted tokens that came from a lookup
     # Per drafted token (position order): hidden, residual (1 x d each), depth.
     hidden: list[torch.Tensor] = field(default_factory=list)
     residual: list[torch.Tensor] = field(default_factory=list)
@@ -66,6 +80,24 @@ class AdaDecodeProposer:
         # Per-request counters (steps, accepted) for benchmark breakdowns only.
         self.per_request = os.environ.get("VLLM_ADADECODE_STATS") == "1"
         self.governor = Governor() if self.config.adaptive else None
+        # With both sources on, a second back-off decides, among steps that
+        # draft, whether early-exit self-drafts pay on top of lookups.
+        self.self_governor = (Governor() if self.config.adaptive and self.config.lookup
+                              and self.config.self_draft else None)
+        # Per-request lengths and early stop; with "adaptive": false every
+        # request drafts all it can on every step.
+        self.adapt = DraftAdaptation(self.config.lookup_tokens,
+                                     fixed=not self.config.adaptive)
+        self.lookup = self.cache = None
+        if self.config.lookup:
+            self.lookup = SequenceLookup(self.config.lookup_min_match,
+                                         self.config.lookup_max_match, self.max_model_len)
+            self.lookup.warm_up()
+            if self.config.lookup_cache:
+                self.cache = ResponseCache(self.lookup, self.config.lookup_cache_tokens)
+        # Requests seen in the batch, with the runner's record of each: when one
+        # is gone, its response enters the cache and its drafting state is dropped.
+        self._live: dict[str, object] = {}
         # Deferred verification: per request, the drafted positions' depths and
         # hidden states, consumed by the next forward (deferred_forward).
         self._states: dict[str, tuple[int, list[int], list, list]] = {}
@@ -94,6 +126,12 @@ class AdaDecodeProposer:
         self.attempt_layers_reused = 0
         self.calls = 0
         self.requests: dict[str, list[int]] = {}  # req id -> [steps, accepted drafts]
+        self.drafted_by_source: Counter[str] = Counter()
+        self.accepted_by_source: Counter[str] = Counter()
+        self.lookup_seconds = 0.0  # time spent matching (in-sequence and cache)
+        # Request-steps by the sources their draft mixed: "lookup", "exit",
+        # "lookup+exit" (lookup tokens, then self-drafts from where they end).
+        self.steps_by_sources: Counter[str] = Counter()
 
     def stats(self, reset: bool = True) -> dict:
         """Counters since the last reset (JSON-friendly; layer keys are strings)."""
@@ -116,26 +154,46 @@ class AdaDecodeProposer:
             "accepted_by_exit": {str(k): v for k, v in sorted(self.accepted_by_exit.items())},
             "rejected_by_exit": {str(k): v for k, v in sorted(self.rejected_by_exit.items())},
             "requests": dict(self.requests),
+            "drafted_by_source": dict(self.drafted_by_source),
+            "accepted_by_source": dict(self.accepted_by_source),
+            "lookup_seconds": self.lookup_seconds,
+            "steps_by_sources": dict(self.steps_by_sources),
+            "lookup_cache": ({"responses": len(self.cache), "tokens": self.cache.num_tokens,
+                              "max_tokens": self.cache.max_tokens} if self.cache else None),
             "backoff": self.governor.summary() if self.governor else None,
+            "backoff_self_draft": (self.self_governor.summary() if self.self_governor
+                                   else None),
         }
         if reset:
             self._reset_stats()
-            if self.governor:
-                self.governor.decisions.clear()
-                self.governor.steps.clear()
+            for g in (self.governor, self.self_governor):
+                if g:
+                    g.decisions.clear()
+                    g.steps.clear()
         return out
 
     def _settle(self, batch, sampled_token_ids: list[list[int]]) -> None:
-        """Count last step's drafts as accepted or rejected, by exit layer."""
+        """Count last step's drafts as accepted or rejected, by exit layer and
+        by source, and feed each request's draft adaptation."""
         pending, self._pending = self._pending, {}
         for row, sampled in enumerate(sampled_token_ids):
             if not sampled:
                 continue
             req = batch.req_id(row)
             accepted = len(sampled) - 1
-            layers = pending.get(req, ())
+            layers, self_attempt, n_lookup = pending.get(req, ((), False, 0))
             for i, layer in enumerate(layers):
-                (self.accepted_by_exit if i < accepted else self.rejected_by_exit)[layer] += 1
+                name = source_name(layer)
+                self.drafted_by_source[name] += 1
+                if i < accepted:
+                    self.accepted_by_source[name] += 1
+                if layer >= 0:
+                    (self.accepted_by_exit if i < accepted else self.rejected_by_exit)[layer] += 1
+            if n_lookup:
+                self.adapt.lookup_verified(req, n_lookup, min(accepted, n_lookup))
+            if self_attempt and accepted >= n_lookup:
+                # The self-drafts were judged only if every lookup token before them held.
+                self.adapt.self_verified(req, accepted - n_lookup)
             if self.per_request:
                 st = self.requests.setdefault(req, [0, 0])
                 st[0] += 1
@@ -204,15 +262,25 @@ class AdaDecodeProposer:
     def _propose(self, runner, sampled_token_ids: list[list[int]]) -> list[list[int]]:
         batch = patches.RunnerBatch(runner)
         self._settle(batch, sampled_token_ids)
+        self._track(batch)
         out: list[list[int]] = [[] for _ in sampled_token_ids]
+        go_self = self.config.self_draft
         if self.governor is not None:
             active = [s for s in sampled_token_ids if s]
             if not active:
                 self.governor.idle()
+                if self.self_governor is not None:
+                    self.self_governor.idle()
                 return out
-            go = self.governor.decide(time.perf_counter(), sum(map(len, active)), len(active))
+            now, emitted = time.perf_counter(), sum(map(len, active))
+            go = self.governor.decide(now, emitted, len(active))
             if not patches.tp_agree(go):
+                if self.self_governor is not None:
+                    self.self_governor.idle()
                 return out
+            if self.self_governor is not None:
+                go_self = patches.tp_agree(self.self_governor.decide(now, emitted, len(active)))
+        requests: list[_Draft] = []
         drafting: list[_Draft] = []
         for row, sampled in enumerate(sampled_token_ids):
             # Sampled requests get no drafts: they are sampled exactly as without speculation.
@@ -220,19 +288,32 @@ class AdaDecodeProposer:
                 continue
             position = batch.num_tokens(row) - 1
             budget = draft_budget(self.config.num_speculative_tokens, position, self.max_model_len)
-            if budget > 0:
-                drafting.append(_Draft(row, sampled[-1], position, budget))
-
-        requests = list(drafting)
+            if budget <= 0:
+                continue
+            d = _Draft(row, sampled[-1], position, budget)
+            req = batch.req_id(row)
+            if self.lookup is not None:
+                self._lookup_draft(batch, d, req)
+            if go_self and len(d.drafted) < d.budget and self.adapt.may_self_draft(req):
+                d.self_attempt = True
+                drafting.append(d)
+            requests.append(d)
+        self._embed_lookup_inputs(drafting)
         while drafting:
             exited = self._draft_step(batch, drafting)
             drafting = [d for d in exited if len(d.drafted) < d.budget]
         for d in requests:
             out[d.row] = d.drafted
             if d.drafted:
-                self._pending[batch.req_id(d.row)] = d.exit_layers
+                n_exit = len(d.drafted) - d.n_lookup
+                key = "+".join(k for k, n in (("lookup", d.n_lookup), ("exit", n_exit)) if n)
+                self.steps_by_sources[key] += 1
+            if d.drafted or d.self_attempt:
+                self._pending[batch.req_id(d.row)] = (d.exit_layers, d.self_attempt, d.n_lookup)
+            if d.drafted:
                 self.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
-            if self.config.deferred and (d.drafted or d.tail):
+            if (self.config.deferred and (d.drafted or d.tail)
+                    and (d.tail is not None or any(x >= 0 for x in d.depth))):
                 # States of positions first .. first + len - 1, depth non-increasing:
                 # the drafter inputs, including a last attempt that did not exit.
                 first = d.position - len(d.drafted)
@@ -244,6 +325,67 @@ class AdaDecodeProposer:
                 self._states[batch.req_id(d.row)] = (first, depth, hidden, residual,
                                                      len(d.drafted))
         return out
+
+    def _track(self, batch: "patches.RunnerBatch") -> None:
+        """Requests that left the runner since the last step: their responses
+        go into the lookup cache, their drafting state is dropped."""
+        live = [batch.req_id(r) for r in range(batch.num_reqs)]
+        live_set = set(live)
+        for req in [r for r in self._live if r not in live_set]:
+            if batch.request_state(req) is not None:
+                continue  # paused or preempted, not finished
+            state = self._live.pop(req)
+            self.adapt.forget(req)
+            if self.cache is not None and state is not None:
+                self.cache.add(batch.output_token_ids(state))
+        for req in live:
+            if req not in self._live:
+                self._live[req] = batch.request_state(req)
+
+    def _lookup_draft(self, batch: "patches.RunnerBatch", d: _Draft, req: str) -> None:
+        """Lookup tokens first: the continuation of the request's longest
+        recurring suffix (else of an earlier response), as many as the
+        request's observed acceptance says pay. They run no layers here; a
+        self-draft that follows carries them through its layers."""
+        t0 = time.perf_counter()
+        try:
+            tokens = batch.token_ids(d.row)
+            cap = min(self.config.lookup_tokens, d.budget)
+            found, source = self.lookup.propose(tokens, cap), LOOKUP
+            if not found.shape[0] and self.cache is not None:
+                found, source = self.cache.propose(tokens, cap), CACHE
+            if not found.shape[0]:
+                return
+            k = self.adapt.lookup_length(req)
+            toks = found[:k].tolist()
+        finally:
+            self.lookup_seconds += time.perf_counter() - t0
+        if not toks:
+            return
+        m = len(toks)
+        # Drafter inputs at positions p .. p+m-1 (the newest sampled token, then
+        # all lookup tokens but the last): not yet run through any layer.
+        d.hidden = [d.token] + toks[:-1]  # token ids until _embed_lookup_inputs
+        d.residual = [None] * m
+        d.depth = [-1] * m
+        d.drafted = list(toks)
+        d.exit_layers = [source] * m
+        d.n_lookup = m
+        d.token = toks[-1]
+        d.position += m
+
+    def _embed_lookup_inputs(self, drafting: list[_Draft]) -> None:
+        """Embeddings of the lookup-drafted inputs of requests that self-draft
+        next (one batched lookup), as the first layer segment expects them."""
+        with_lookup = [d for d in drafting if d.n_lookup]
+        if not with_lookup:
+            return
+        ids = [t for d in with_lookup for t in d.hidden]
+        emb = patches.embed(self.model, torch.tensor(ids))
+        start = 0
+        for d in with_lookup:
+            d.hidden = [emb[start + i : start + i + 1] for i in range(d.n_lookup)]
+            start += d.n_lookup
 
     def _draft_step(self, batch: "patches.RunnerBatch", drafting: list[_Draft]) -> list[_Draft]:
         """Draft one more token for each request; return those whose token exited."""

@@ -30,11 +30,16 @@ class BenchError(ValueError):
     pass
 
 
+# Engine arguments a method may set beside its speculative config.
+ENGINE_KEYS = ("async_scheduling",)
+
+
 @dataclass
 class Method:
     label: str
     kind: str  # one of METHODS
     speculative_config: dict | None
+    engine_args: dict | None = None
 
 
 def parse_method(text: str, draft_model: str | None = None) -> Method:
@@ -54,20 +59,22 @@ def parse_method(text: str, draft_model: str | None = None) -> Method:
     label = name
     if extra:
         label += "[" + ",".join(f"{k}={_short(v)}" for k, v in extra.items()) + "]"
+    engine = {k: extra.pop(k) for k in ENGINE_KEYS if k in extra} or None
     if name == "vanilla":
         if extra:
-            raise BenchError("--method vanilla takes no settings")
-        return Method(label, name, None)
+            raise BenchError(f"--method vanilla takes only engine settings "
+                             f"{list(ENGINE_KEYS)}, got {sorted(extra)}")
+        return Method(label, name, None, engine)
     if name == "adadecode":
-        return Method(label, name, {"method": "adadecode", **extra})
+        return Method(label, name, {"method": "adadecode", **extra}, engine)
     if name == "ngram":
-        return Method(label, name, {"method": "ngram", **NGRAM_DEFAULTS, **extra})
+        return Method(label, name, {"method": "ngram", **NGRAM_DEFAULTS, **extra}, engine)
     model = extra.pop("model", None) or draft_model
     if not model:
         raise BenchError('--method draft_model needs a draft model: --draft-model PATH or '
                          'draft_model={"model": PATH}')
     return Method(label, name, {"method": "draft_model", **DRAFT_MODEL_DEFAULTS, **extra,
-                                "model": model})
+                                "model": model}, engine)
 
 
 def _short(v: Any) -> str:
@@ -122,6 +129,7 @@ def load_datasets(names: list[str], prompts_file: str | None, n: int | None) -> 
 # ---------------------------------------------------------------------------
 def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         concurrency: list[int], max_tokens: int, dtype: str, seed: int, repeats: int,
+        max_model_len: int | None = None,
         enforce_eager: bool = False, log_path: str | None = None,
         progress: bool = True) -> dict[str, Any]:
     """Run every method ``repeats`` times; return the results document."""
@@ -129,7 +137,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
 
     from .worker import run_job
 
-    methods = [Method("vanilla", "vanilla", None)] + [m for m in methods if m.kind != "vanilla"]
+    methods = [Method("vanilla", "vanilla", None)] + [m for m in methods if m.label != "vanilla"]
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise BenchError(f"two methods share a label: {labels}")
@@ -143,7 +151,9 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
             bar.set_postfix_str(f"repeat {r + 1}/{repeats}: {m.label}")
             job = dict(
                 model=model, dtype=dtype, seed=seed, max_tokens=max_tokens,
+                max_model_len=max_model_len or default_max_model_len(datasets),
                 enforce_eager=enforce_eager, speculative_config=m.speculative_config,
+                **(m.engine_args or {}),
                 runs=[dict(prompts=[p.text for p in datasets[d]], concurrency=c,
                            progress=f"{m.label} {d} c={c}") for d, c in plan],
             )
@@ -155,6 +165,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         "machine": machine_info(),
         "settings": dict(model=model, datasets={d: len(ps) for d, ps in datasets.items()},
                          concurrency=concurrency, max_tokens=max_tokens, dtype=dtype, seed=seed,
+                         max_model_len=max_model_len or default_max_model_len(datasets),
                          repeats=repeats, enforce_eager=enforce_eager,
                          wall_s=round(time.time() - t_start, 1)),
         "methods": [asdict(m) for m in methods],
@@ -168,6 +179,11 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         doc["results"].extend(summarise(d, c, datasets[d], methods, runs, peaks,
                                         num_layers=num_layers))
     return doc
+
+
+def default_max_model_len(datasets: dict[str, list]) -> int:
+    """2048, or 4096 when a prompt set carries documents (up to 5,500 characters)."""
+    return 4096 if "documents" in datasets else 2048
 
 
 def _num_layers(model: str) -> int | None:
@@ -242,18 +258,26 @@ def _layer_evals(run: dict, kind: str, L: int | None) -> dict[str, float] | None
 def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Method],
               runs: list[dict[str, dict]], peaks: dict[str, float],
               num_layers: int | None = None) -> list[dict]:
-    """One record per method for this (dataset, concurrency)."""
+    """One record per method for this (dataset, concurrency).
+
+    Speedups divide by the baseline of the same repeat: the fastest of the
+    plain (no speculation) configurations that ran, so a gain measured for a
+    speculative method is not a gain of its engine setup (docs/BENCHMARKS.md).
+    Identity is checked against vLLM's default plain engine ("vanilla")."""
     out = []
     cats = sorted({p.category for p in prompts})
+    plain = [m.label for m in methods if m.kind == "vanilla"]
     for m in methods:
         reps = []
         for by_label in runs:
             run, van = by_label[m.label], by_label["vanilla"]
+            base = baseline_of(by_label, plain)
             reps.append({
                 "tokens_per_s": run["tokens_per_s"],
                 "elapsed_s": run["elapsed_s"],
                 "output_tokens": run["output_tokens"],
-                "speedup": run["tokens_per_s"] / van["tokens_per_s"],
+                "speedup": run["tokens_per_s"] / by_label[base]["tokens_per_s"],
+                "baseline": base,
                 "identical_to_vanilla": _identical(run["token_ids"], van["token_ids"]),
             })
         speedups = [x["speedup"] for x in reps]
@@ -278,11 +302,58 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
             "layer_evals_per_token": ({k: _mean([e[k] for e in evals]) for k in evals[0]}
                                       if evals else None),
             "exit_histogram": _exit_histogram([by[m.label].get("drafter") for by in runs]),
+            "sources": _sources([by[m.label] for by in runs]),
+            "step_ms": _step_ms([by[m.label] for by in runs]),
             "backoff": [(by[m.label].get("drafter") or {}).get("backoff") for by in runs]
             if m.kind == "adadecode" else None,
-            "categories": {c: _category(runs, m, prompts, c) for c in cats},
+            "categories": {c: _category(runs, m, prompts, c, plain) for c in cats},
         })
     return out
+
+
+def _sources(runs: list[dict]) -> dict | None:
+    """Per draft source (lookup, cache, exit): drafted and accepted tokens, and
+    the accepted tokens it adds per verification step (the target's own token
+    adds 1.0 to every step)."""
+    drafters = [r.get("drafter") for r in runs]
+    if not all(d and "drafted_by_source" in d for d in drafters):
+        return None
+    out: dict[str, dict] = {}
+    steps = sum(sum(max(0, len(t) - 1) for t in r["token_ids"])
+                - r["spec"].get("num_accepted_tokens", 0) for r in runs)
+    for d in drafters:
+        for src, n in d["drafted_by_source"].items():
+            rec = out.setdefault(src, {"drafted": 0, "accepted": 0})
+            rec["drafted"] += n
+            rec["accepted"] += d["accepted_by_source"].get(src, 0)
+    for rec in out.values():
+        rec["per_step"] = rec["accepted"] / steps if steps > 0 else 0.0
+    mixes: dict[str, int] = defaultdict(int)
+    for d in drafters:
+        for k, v in (d.get("steps_by_sources") or {}).items():
+            mixes[k] += v
+    return {"by_source": out, "request_steps_by_sources": dict(mixes),
+            "lookup_ms": 1e3 * sum(d.get("lookup_seconds", 0.0) for d in drafters) / len(runs)}
+
+
+def _step_ms(runs: list[dict]) -> dict | None:
+    """Mean milliseconds per engine step: the drafter, the model forward, the
+    rest of the worker's step (sampling, verification, bookkeeping, input
+    preparation) and everything outside the worker (scheduler, IPC, output
+    processing), from the runner's timers and the run's wall time."""
+    recs = []
+    for r in runs:
+        t = r.get("step_times")
+        if not t or not t.get("steps"):
+            return None
+        n = t["steps"]
+        worker = t["execute"] + t["sample_and_draft"]
+        recs.append({"steps": n, "drafting": t["drafting"] / n, "forward": t["forward"] / n,
+                     "worker_other": (worker - t["forward"] - t["drafting"]) / n,
+                     "outside_worker": (r["elapsed_s"] - worker) / n,
+                     "total": r["elapsed_s"] / n})
+    return {k: (1e3 * _mean([x[k] for x in recs]) if k != "steps" else _mean([x[k] for x in recs]))
+            for k in recs[0]}
 
 
 def _identical(a: list[list[int]], b: list[list[int]]) -> float:
@@ -304,14 +375,21 @@ def _exit_histogram(drafters: list[dict | None]) -> dict[str, dict[str, int]] | 
     return {"accepted": {k: acc[k] for k in layers}, "rejected": {k: rej[k] for k in layers}}
 
 
-def _category(runs: list[dict[str, dict]], m: Method, prompts: list, cat: str) -> dict:
+def baseline_of(by_label: dict[str, dict], plain: list[str]) -> str:
+    """The fastest plain configuration's label in one repeat."""
+    return max(plain, key=lambda label: by_label[label]["tokens_per_s"])
+
+
+def _category(runs: list[dict[str, dict]], m: Method, prompts: list, cat: str,
+              plain: list[str] | None = None) -> dict:
     idx = [i for i, p in enumerate(prompts) if p.category == cat]
     rates, speedups, same, tps = [], [], [], []
     for by in runs:
         run, van = by[m.label], by["vanilla"]
+        base = by[baseline_of(by, plain or ["vanilla"])]
         rate = _rate(run, idx)
         rates.append(rate)
-        speedups.append(rate / _rate(van, idx) if _rate(van, idx) else None)
+        speedups.append(rate / _rate(base, idx) if _rate(base, idx) else None)
         same.append(_identical([run["token_ids"][i] for i in idx],
                                [van["token_ids"][i] for i in idx]))
         dr = run.get("drafter")
@@ -373,6 +451,18 @@ def format_table(doc: dict) -> str:
                 parts = [f"L{k}: {h['accepted'][k]}/{h['accepted'][k] + h['rejected'][k]}"
                          for k in h["accepted"]]
                 lines.append(f"  {r['method']} exits (accepted/drafted): {', '.join(parts)}")
+            src = r.get("sources")
+            if src and src["by_source"]:
+                parts = " + ".join(f"{k} {v['per_step']:.2f} ({v['accepted']}/{v['drafted']})"
+                                   for k, v in sorted(src["by_source"].items()))
+                lines.append(f"  {r['method']} tokens/step by source: target 1.00 + {parts} "
+                             f"(accepted/drafted)")
+            st = r.get("step_ms")
+            if st:
+                lines.append(f"  {r['method']} ms per step: drafting {st['drafting']:.2f}, "
+                             f"forward {st['forward']:.2f}, rest of worker "
+                             f"{st['worker_other']:.2f}, outside worker "
+                             f"{st['outside_worker']:.2f} (total {st['total']:.2f})")
             le = r["layer_evals_per_token"] or {}
             if le.get("deferred") is not None:
                 lines.append(f"  {r['method']} layer evals per token: {le['measured']:.1f} "

@@ -98,7 +98,8 @@ def _start_engine(job: dict[str, Any], max_num_seqs: int):
         tensor_parallel_size=job.get("tensor_parallel_size", 1),
         disable_log_stats=False,
     )
-    for key in ("max_num_batched_tokens", "enable_prefix_caching", "block_size"):
+    for key in ("max_num_batched_tokens", "enable_prefix_caching", "block_size",
+                "async_scheduling"):
         if job.get(key) is not None:
             kwargs[key] = job[key]
     if job.get("speculative_config"):
@@ -127,6 +128,15 @@ def _drafter_stats(llm) -> dict | None:
     return merge_stats(per_worker)
 
 
+def _step_times(llm) -> dict | None:
+    """Seconds per part of the engine's steps since the last read (tensor-parallel
+    rank 0); the first call installs the timers."""
+    from ..patches import STEP_TIMES_RPC
+
+    times = [t for t in llm.collective_rpc(STEP_TIMES_RPC) if t]
+    return times[0] if times else None
+
+
 def execute(job: dict[str, Any]) -> dict[str, Any]:
     if "runs" in job:
         return execute_sweep(job)
@@ -137,7 +147,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     llm = _start_engine(job, job.get("concurrency", 1))
     startup = time.perf_counter() - t0
     tok = llm.get_tokenizer()
-    texts = _chat(tok, job["prompts"])
+    texts = list(job["prompts"]) if job.get("raw_prompts") else _chat(tok, job["prompts"])
     max_tokens = job.get("max_tokens", 128)
     if job.get("sampling"):  # per-prompt SamplingParams fields, e.g. temperature, seed
         params = [SamplingParams(max_tokens=max_tokens, **s) for s in job["sampling"]]
@@ -253,6 +263,7 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
         llm.generate(_chat(tok, runs[0]["prompts"][:2]),
                      SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     _drafter_stats(llm)  # reset
+    _step_times(llm)  # install the timers
     results = []
     for k, run in enumerate(runs):
         texts = _chat(tok, run["prompts"])
@@ -262,6 +273,7 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
             llm, texts, params, run["concurrency"], f"run{k}", run.get("progress"))
         counters = _delta(_counters(llm), before)
         n_out = sum(len(t) for t in tokens)
+        times = _step_times(llm)
         drafter = _drafter_stats(llm)
         if drafter is not None:
             drafter["per_prompt"] = _per_prompt(drafter.pop("requests"), index, len(tokens))
@@ -273,6 +285,7 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
             "latency_s": latency,
             "spec": counters,
             "drafter": drafter,
+            "step_times": times,
             **acceptance_stats(counters, tokens),
         })
     del llm

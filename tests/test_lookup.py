@@ -1,0 +1,112 @@
+"""Lookup drafts and per-request draft adaptation, without an engine
+(the matcher is vLLM's own, imported from the installed vLLM)."""
+
+import numpy as np
+import pytest
+
+from vllm_adadecode.drafts.adapt import (VERIFY_COST, Acceptance, DraftAdaptation,
+                                         best_lookup_length)
+from vllm_adadecode.drafts.lookup import ResponseCache, SequenceLookup
+
+
+def _arr(xs):
+    return np.array(xs, dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def lookup():
+    lk = SequenceLookup(min_match=2, max_match=5, max_model_len=4096)
+    lk.warm_up()
+    return lk
+
+
+def test_sequence_lookup_proposes_what_followed_the_repeated_suffix(lookup):
+    seq = _arr([7, 1, 2, 3, 4, 5, 9, 1, 2, 3])
+    assert lookup.propose(seq, 3).tolist() == [4, 5, 9]
+    assert lookup.propose(seq, 10).tolist() == [4, 5, 9, 1, 2, 3]  # up to the end
+    assert lookup.propose(seq, 0).tolist() == []
+
+
+def test_sequence_lookup_needs_min_match_tokens(lookup):
+    assert lookup.propose(_arr([1, 2, 3, 4, 5, 6, 3]), 3).tolist() == []  # 1-token match only
+    assert lookup.propose(_arr([5, 6, 1, 2, 3, 4, 5, 6]), 2).tolist() == [1, 2]
+
+
+def test_sequence_lookup_respects_max_model_len():
+    lk = SequenceLookup(min_match=2, max_match=5, max_model_len=10)
+    seq = _arr([1, 2, 3, 4, 5, 6, 1, 2])
+    assert lk.propose(seq, 5).tolist() == [3, 4]  # positions 8, 9 only
+
+
+def test_response_cache_matches_earlier_responses(lookup):
+    cache = ResponseCache(lookup, max_tokens=100)
+    cache.add([10, 11, 12, 13, 14])
+    cache.add([20, 21, 22])
+    req = _arr([99, 98, 11, 12])
+    assert cache.propose(req, 4).tolist() == [13, 14]  # stops at that response's end
+    assert cache.propose(_arr([5, 6, 7]), 4).tolist() == []
+
+
+def test_response_cache_stays_under_its_cap_and_evicts_oldest(lookup):
+    cache = ResponseCache(lookup, max_tokens=20)
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        cache.add(rng.integers(0, 1000, size=int(rng.integers(3, 15))))
+        assert cache.num_tokens <= 20
+    first = [500, 501, 502, 503, 504, 505]
+    cache.add(first)
+    assert cache.propose(_arr([1, 500, 501]), 3).tolist() == [502, 503, 504]
+    for _ in range(5):
+        cache.add(rng.integers(2000, 3000, size=6))
+    assert cache.num_tokens <= 20
+    assert cache.propose(_arr([1, 500, 501]), 3).tolist() == []  # evicted
+    cache.add(list(range(100, 150)))  # longer than the cap: its last 20 tokens
+    assert cache.num_tokens == 20 and len(cache) == 1
+    assert cache.propose(_arr([131, 132]), 2).tolist() == [133, 134]
+
+
+def test_best_lookup_length_follows_acceptance():
+    assert best_lookup_length(0.0, 8) == 0
+    assert best_lookup_length(0.05, 8) == 0
+    ks = [best_lookup_length(p, 8) for p in (0.2, 0.5, 0.8, 0.95)]
+    assert ks == sorted(ks) and ks[0] >= 1 and ks[-1] == 8
+    assert best_lookup_length(0.95, 3) == 3
+    assert VERIFY_COST[2] == pytest.approx(1.10) and VERIFY_COST[8] == pytest.approx(1.45)
+
+
+def test_acceptance_counts_successes_then_one_failure():
+    a = Acceptance(decay=1.0)
+    a.update(4, 4)
+    assert (a.accepted, a.trials) == (4, 4)
+    a.update(4, 1)
+    assert (a.accepted, a.trials) == (5, 6)
+    assert a.estimate(prior=0.5, weight=2.0) == pytest.approx(6 / 8)
+
+
+def test_adaptation_shrinks_and_probes_after_rejections():
+    ad = DraftAdaptation(k_max=5, probe_every=4)
+    start = ad.lookup_length("r")
+    assert start >= 2
+    for _ in range(20):
+        ad.lookup_verified("r", 3, 0)
+    lengths = [ad.lookup_length("r") for _ in range(8)]
+    assert lengths == [0, 0, 0, 1, 0, 0, 0, 1]  # probes keep measuring
+    for _ in range(30):
+        ad.lookup_verified("r", 5, 5)
+    assert ad.lookup_length("r") == 5
+    # a new request starts from the engine-wide estimate
+    assert ad.lookup_p("new") > ad.prior
+
+
+def test_self_draft_early_stop_doubles_and_resets():
+    ad = DraftAdaptation(k_max=5, max_self_skip=8)
+    assert ad.may_self_draft("r")
+    ad.self_verified("r", 0)
+    assert [ad.may_self_draft("r") for _ in range(2)] == [False, True]
+    ad.self_verified("r", 0)
+    assert [ad.may_self_draft("r") for _ in range(4)] == [False, False, False, True]
+    for _ in range(5):
+        ad.self_verified("r", 0)
+    assert ad.state("r").self_skip == 8
+    ad.self_verified("r", 2)
+    assert ad.may_self_draft("r")
