@@ -72,18 +72,28 @@ def test_bench_json_has_every_field(bench_run):
     assert png.stat().st_size > 10_000
 
 
-def test_exit_histogram_counts_match_vllm_draft_counters(bench_run):
-    doc, _, _ = bench_run
+def test_draft_sources_match_vllm_draft_counters(bench_run):
+    doc, stdout, _ = bench_run
     for r in doc["results"]:
-        h = r["exit_histogram"]
-        if not h:
+        src = r["sources"]
+        if not src:
             continue
-        drafted = sum(h["accepted"].values()) + sum(h["rejected"].values())
-        accepted = sum(h["accepted"].values())
-        # the drafter's own accounting agrees with vLLM's acceptance counters
+        by = src["by_source"]
+        drafted = sum(v["drafted"] for v in by.values())
+        accepted = sum(v["accepted"] for v in by.values())
+        # the drafter's own accounting (lookups and exits) agrees with vLLM's counters
         assert drafted > 0 or r["acceptance_rate"] == 0
         if drafted:
             assert abs(accepted / drafted - r["acceptance_rate"]) < 1e-9
+        h = r["exit_histogram"]
+        if h:  # exits are the "exit" source
+            assert sum(h["accepted"].values()) == by.get("exit", {}).get("accepted", 0)
+    for r in doc["results"]:  # every method's step is split into its parts
+        st = r["step_ms"]
+        assert st and st["forward"] > 0 and st["total"] > st["forward"] + st["drafting"]
+        if r["kind"] == "vanilla":
+            assert st["drafting"] == 0
+    assert "ms per step: drafting" in stdout
 
 
 def test_parity_is_measured_against_vanilla():
@@ -106,6 +116,34 @@ def test_parity_is_measured_against_vanilla():
     assert ngram["identical_to_vanilla"] == 0.5 and ngram["speedup"] == 1.5
     assert ngram["categories"]["c1"]["identical_to_vanilla"] == 1.0
     assert ngram["categories"]["c2"]["identical_to_vanilla"] == 0.0
+
+
+def test_speedup_divides_by_the_faster_plain_configuration():
+    from vllm_adadecode.prompts import Prompt
+
+    ps = [Prompt("a", "a", "c1")]
+    methods = [H.Method("vanilla", "vanilla", None),
+               H.Method("vanilla[async_scheduling=false]", "vanilla", None,
+                        {"async_scheduling": False}),
+               H.Method("ngram", "ngram", {})]
+
+    def run(tps):
+        return {"tokens_per_s": tps, "elapsed_s": 1.0, "output_tokens": 3, "token_ids": [[1, 2]],
+                "latency_s": [1.0], "spec": {"num_accepted_tokens": 0, "num_draft_tokens": 0},
+                "tokens_per_step": 1.0, "acceptance_rate": 0.0, "drafter": None}
+
+    runs = [{"vanilla": run(10.0), "vanilla[async_scheduling=false]": run(12.0),
+             "ngram": run(15.0)},
+            {"vanilla": run(10.0), "vanilla[async_scheduling=false]": run(8.0),
+             "ngram": run(15.0)}]
+    recs = H.summarise("d", 1, ps, methods, runs, dict.fromkeys(runs[0], 1.0), num_layers=6)
+    ngram = recs[2]
+    assert [x["speedup"] for x in ngram["repeats"]] == [1.25, 1.5]
+    assert [x["baseline"] for x in ngram["repeats"]] == ["vanilla[async_scheduling=false]",
+                                                         "vanilla"]
+    assert recs[0]["repeats"][0]["speedup"] == pytest.approx(10 / 12)
+    m = H.parse_method('vanilla={"async_scheduling": false}')
+    assert m.kind == "vanilla" and m.engine_args == {"async_scheduling": False}
 
 
 @pytest.mark.parametrize("bad, field", [

@@ -146,7 +146,7 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
         "exit_layers": [1, 3], "threshold": 0.5, "num_speculative_tokens": 4, "heads": None,
         "adaptive": True, "deferred": True, "shortlist": True,
         "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
-        "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 65536,
+        "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 16384,
         "self_draft": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
 

@@ -28,10 +28,11 @@ ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred", "
                   "lookup", "lookup_min_match", "lookup_max_match", "lookup_max_tokens",
                   "lookup_cache", "lookup_cache_tokens", "self_draft")
 # Lookup defaults: match 2-5 tokens (vLLM's ngram bench settings), a cache of
-# earlier responses of up to 65,536 tokens (256 KiB).
+# earlier responses of up to 16,384 tokens (64 KiB; one scan of it per
+# request-step that finds no match in its own tokens).
 DEFAULT_LOOKUP_MIN_MATCH = 2
 DEFAULT_LOOKUP_MAX_MATCH = 5
-DEFAULT_LOOKUP_CACHE_TOKENS = 65536
+DEFAULT_LOOKUP_CACHE_TOKENS = 16384
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
 VLLM_KEYS = ("method", "num_speculative_tokens", "model")
 ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS

@@ -306,6 +306,8 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
             "step_ms": _step_ms([by[m.label] for by in runs]),
             "backoff": [(by[m.label].get("drafter") or {}).get("backoff") for by in runs]
             if m.kind == "adadecode" else None,
+            "backoff_self_draft": [(by[m.label].get("drafter") or {}).get("backoff_self_draft")
+                                   for by in runs] if m.kind == "adadecode" else None,
             "categories": {c: _category(runs, m, prompts, c, plain) for c in cats},
         })
     return out
@@ -352,8 +354,9 @@ def _step_ms(runs: list[dict]) -> dict | None:
                      "worker_other": (worker - t["forward"] - t["drafting"]) / n,
                      "outside_worker": (r["elapsed_s"] - worker) / n,
                      "total": r["elapsed_s"] / n})
-    return {k: (1e3 * _mean([x[k] for x in recs]) if k != "steps" else _mean([x[k] for x in recs]))
-            for k in recs[0]}
+    out = {k: 1e3 * _mean([x[k] for x in recs]) for k in recs[0]}
+    out["steps"] = _mean([x["steps"] for x in recs])
+    return out
 
 
 def _identical(a: list[list[int]], b: list[list[int]]) -> float:
@@ -435,6 +438,11 @@ def format_table(doc: dict) -> str:
     for (dataset, conc), recs in groups.items():
         lines.append(f"\n== {dataset}, concurrency {conc}, {recs[0]['num_prompts']} prompts, "
                      f"{reps} repeat(s) ==")
+        plain = [r["method"] for r in recs if r["kind"] == "vanilla"]
+        if len(plain) > 1:
+            base = [x["baseline"] for x in recs[0]["repeats"]]
+            lines.append(f"speedup over the faster plain engine of each repeat "
+                         f"({', '.join(plain)}): {', '.join(base)}")
         lines.append(head)
         for r in recs:
             le = r["layer_evals_per_token"] or {}
@@ -460,8 +468,8 @@ def format_table(doc: dict) -> str:
             st = r.get("step_ms")
             if st:
                 lines.append(f"  {r['method']} ms per step: drafting {st['drafting']:.2f}, "
-                             f"forward {st['forward']:.2f}, rest of worker "
-                             f"{st['worker_other']:.2f}, outside worker "
+                             f"forward {st['forward']:.2f}, rest of worker (LM head, "
+                             f"sampling, verification) {st['worker_other']:.2f}, outside worker "
                              f"{st['outside_worker']:.2f} (total {st['total']:.2f})")
             le = r["layer_evals_per_token"] or {}
             if le.get("deferred") is not None:

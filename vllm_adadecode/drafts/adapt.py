@@ -21,7 +21,7 @@ drafting pays at all; this module decides how much each request drafts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Relative cost of one forward over n new tokens (index n), batch 1; measured
 # 1.10 (2), 1.21 (4), 1.29 (6), 1.45 (8), 1.54 (16), linear in between.
@@ -81,14 +81,15 @@ class Acceptance:
 class RequestDrafting:
     """One request's draft-source state across steps."""
 
-    lookup: Acceptance
+    # Lookup acceptance per kind of match (e.g. "lookup", "lookup-long", "cache").
+    lookup: dict[str, Acceptance] = field(default_factory=dict)
     lookup_skipped: int = 0  # steps with a match but no lookup drafts, since the last
     self_failures: int = 0  # self-draft attempts in a row with no accepted token
     self_skip: int = 0  # steps left before the next self-draft attempt
 
     @classmethod
     def new(cls) -> "RequestDrafting":
-        return cls(Acceptance())
+        return cls()
 
 
 class DraftAdaptation:
@@ -101,7 +102,7 @@ class DraftAdaptation:
         self.fixed = fixed  # no adaptation: k_max lookup tokens, self-drafts every step
         self.probe_every = probe_every
         self.max_self_skip = max_self_skip
-        self.engine = Acceptance(decay=0.995)
+        self.engine: dict[str, Acceptance] = {}  # per kind of match, all requests
         self.prior = prior
         self.requests: dict[str, RequestDrafting] = {}
 
@@ -114,18 +115,22 @@ class DraftAdaptation:
     def forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
 
-    def lookup_p(self, req_id: str) -> float:
-        engine_p = self.engine.estimate(self.prior)
-        return self.state(req_id).lookup.estimate(engine_p)
+    def lookup_p(self, req_id: str, kind: str = "lookup") -> float:
+        """Estimated acceptance of the next lookup token of this kind of match
+        for this request: its own count, shrunk toward the engine's."""
+        engine = self.engine.get(kind)
+        engine_p = engine.estimate(self.prior) if engine else self.prior
+        own = self.state(req_id).lookup.get(kind)
+        return own.estimate(engine_p) if own else engine_p
 
-    def lookup_length(self, req_id: str) -> int:
+    def lookup_length(self, req_id: str, kind: str = "lookup") -> int:
         """Lookup drafts to propose for a request that has a match: the best
         length for its estimated acceptance; one token every ``probe_every``
         matched steps when none pays, so the estimate keeps being measured."""
         if self.fixed:
             return self.k_max
         st = self.state(req_id)
-        k = best_lookup_length(self.lookup_p(req_id), self.k_max)
+        k = best_lookup_length(self.lookup_p(req_id, kind), self.k_max)
         if k:
             st.lookup_skipped = 0
             return k
@@ -135,9 +140,11 @@ class DraftAdaptation:
             return 1
         return 0
 
-    def lookup_verified(self, req_id: str, proposed: int, accepted: int) -> None:
-        self.state(req_id).lookup.update(proposed, accepted)
-        self.engine.update(proposed, accepted)
+    def lookup_verified(self, req_id: str, proposed: int, accepted: int,
+                        kind: str = "lookup") -> None:
+        own = self.state(req_id).lookup
+        own.setdefault(kind, Acceptance()).update(proposed, accepted)
+        self.engine.setdefault(kind, Acceptance(decay=0.995)).update(proposed, accepted)
 
     def may_self_draft(self, req_id: str) -> bool:
         if self.fixed:
