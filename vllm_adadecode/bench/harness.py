@@ -513,7 +513,7 @@ def plot(doc: dict, path: str) -> None:
                     groups.append((f"{dataset}/{c}",
                                    {m: {**by_m[m]["categories"][c]} for m in methods}))
         width = 0.8 / max(1, len(methods))
-        for row, key, title in ((0, "speedup", "speedup over vanilla (tokens/s)"),
+        for row, key, title in ((0, "speedup", "speedup over the faster plain engine (tokens/s)"),
                                 (1, "tokens_per_step", "accepted tokens per step")):
             ax = axes[row][j]
             for k, m in enumerate(methods):
