@@ -99,12 +99,22 @@ def test_response_cache_drafts_across_requests_under_its_cap(engine, smollm2):
     assert 0 < cache["tokens"] <= 100 and cache["max_tokens"] == 100
 
 
-def test_lookups_tensor_parallel_2_same_tokens(engine, smollm2):
-    one = _smol(engine, smollm2, speculative_config=SMOL_MIXED)
-    two = _smol(engine, smollm2, speculative_config=SMOL_MIXED, tensor_parallel_size=2)
+def test_lookups_tensor_parallel_2_same_tokens(engine, tiny_llama):
+    """TP=2 (the tiny model: SmolLM2's 9 attention heads do not split in 2).
+    The same three prompts twice, one at a time: the second answers draft from
+    the cache of earlier responses, then self-draft after those tokens."""
+    from .test_engine import PROMPTS8
+
+    job = dict(model=tiny_llama, prompts=PROMPTS8[:3] * 2, max_tokens=32, concurrency=1)
+    spec = {**TINY_MIXED, "lookup_cache": True}
+    van = engine(**job)
+    one = engine(**job, speculative_config=spec)
+    two = engine(**job, speculative_config=spec, tensor_parallel_size=2)
+    assert one["token_ids"] == van["token_ids"]
     assert two["token_ids"] == one["token_ids"]
     assert two["drafter"]["steps_by_sources"] == one["drafter"]["steps_by_sources"]
     assert two["drafter"]["steps_by_sources"].get("lookup+exit", 0) > 0
+    assert two["drafter"]["accepted_by_source"].get("cache", 0) > 0
 
 
 def test_lookups_prefix_cache_holds_complete_kv(engine, smollm2):
