@@ -102,22 +102,3 @@ def test_rechecks_thin_out_when_the_verdict_is_clear_and_come_back_when_it_chang
     choices, _ = simulate(gov, 2000, 1, {True: 0.042, False: 0.04}, {True: 1, False: 1})
     assert gov.summary()["1"]["recheck_every"] == 16
     assert sum(choices) > 2000 / 20
-
-
-def test_steps_that_proposed_nothing_count_as_plain_steps():
-    """Drafting pays (2 tokens in 50 ms against 1 in 40 ms) on the steps that
-    have drafts, but half the steps allowed to draft find nothing to propose:
-    labelled by what they did, the bucket keeps drafting."""
-    gov = Governor(explore_every=16)
-    t, emitted, choices = 0.0, 0, []
-    for i in range(300):
-        go = gov.decide(t, emitted, 1)
-        has_draft = go and i % 2 == 0
-        gov.drafted(has_draft)
-        choices.append(go)
-        t += 0.05 if has_draft else 0.04
-        emitted = 2 if has_draft else 1
-    assert sum(choices[50:]) / len(choices[50:]) > 0.9
-    assert gov.paired_ratio(1) > 1.3
-    s = gov.summary()["1"]
-    assert s["draft_steps"] + s["skip_steps"] == 300 and s["skip_steps"] > 100

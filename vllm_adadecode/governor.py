@@ -124,18 +124,6 @@ class Governor:
                             else self.explore_every)
         return not best
 
-    def drafted(self, drafted: bool) -> None:
-        """What the step just decided actually did: a step allowed to draft
-        that proposed nothing (no request had a draft) is measured as a plain
-        step. Otherwise such empty steps pull the paired ratio toward 1 and the
-        bucket stops drafting on steps where drafting pays."""
-        if self._last is None or self._last[2] == drafted:
-            return
-        t0, b, choice, size = self._last
-        self.decisions[(b, choice)] -= 1
-        self.decisions[(b, drafted)] += 1
-        self._last = (t0, b, drafted, size)
-
     def idle(self) -> None:
         """No step follows (nothing to decode): the next gap is not a step."""
         self._last = None

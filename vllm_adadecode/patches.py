@@ -42,6 +42,7 @@ PINNED_VLLM_VERSION = "0.32.0"
 PROPOSER_PATH = "vllm_adadecode.proposer.AdaDecodeProposer"
 STATS_RPC = "adadecode_stats"
 STEP_TIMES_RPC = "adadecode_step_times"
+RESET_RPC = "adadecode_reset_lookup_cache"
 
 logger = logging.getLogger("vllm_adadecode")
 
@@ -171,6 +172,17 @@ def install_engine_hooks() -> None:
             return stats(reset=reset) if callable(stats) else None
 
         setattr(WorkerBase, STATS_RPC, adadecode_stats)
+
+    if not hasattr(WorkerBase, RESET_RPC):
+
+        def adadecode_reset_lookup_cache(self):
+            """Empty the drafter's cache of earlier responses (benchmarks reset
+            it between runs, as they reset the prefix cache); None without one."""
+            drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+            reset = getattr(drafter, "reset_lookup_cache", None)
+            return reset() if callable(reset) else None
+
+        setattr(WorkerBase, RESET_RPC, adadecode_reset_lookup_cache)
 
     if not hasattr(WorkerBase, STEP_TIMES_RPC):
 

@@ -173,6 +173,14 @@ class AdaDecodeProposer:
                     g.steps.clear()
         return out
 
+    def reset_lookup_cache(self) -> int:
+        """Drop every cached response; returns how many there were."""
+        if self.cache is None:
+            return 0
+        n = len(self.cache)
+        self.cache = ResponseCache(self.lookup, self.config.lookup_cache_tokens)
+        return n
+
     def _settle(self, batch, sampled_token_ids: list[list[int]]) -> None:
         """Count last step's drafts as accepted or rejected, by exit layer and
         by source, and feed each request's draft adaptation."""
@@ -299,11 +307,6 @@ class AdaDecodeProposer:
                 d.self_attempt = True
                 drafting.append(d)
             requests.append(d)
-        if self.governor is not None:
-            # Label the step by what it did: drafts proposed, self-drafts attempted.
-            self.governor.drafted(any(d.drafted for d in requests) or bool(drafting))
-            if self.self_governor is not None:
-                self.self_governor.drafted(bool(drafting))
         self._embed_lookup_inputs(drafting)
         while drafting:
             exited = self._draft_step(batch, drafting)

@@ -268,6 +268,9 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
     for k, run in enumerate(runs):
         texts = _chat(tok, run["prompts"])
         llm.reset_prefix_cache()
+        from ..patches import RESET_RPC
+
+        llm.collective_rpc(RESET_RPC)  # no run drafts from another run's answers
         before = _counters(llm)
         tokens, latency, elapsed, index = _generate_inflight(
             llm, texts, params, run["concurrency"], f"run{k}", run.get("progress"))
