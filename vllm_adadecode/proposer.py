@@ -54,7 +54,6 @@ class _Draft:
     exit_layers: list[int] = field(default_factory=list)
     self_attempt: bool = False  # early-exit drafting ran for this request
     n_lookup: int = 0  # leading drafted tokens that came from a lookup
-    lookup_kind: str = ""  # which kind of match they came from (DraftAdaptation)
     # Per drafted token (position order): hidden, residual (1 x d each), depth.
     hidden: list[torch.Tensor] = field(default_factory=list)
     residual: list[torch.Tensor] = field(default_factory=list)
@@ -190,7 +189,7 @@ class AdaDecodeProposer:
                 continue
             req = batch.req_id(row)
             accepted = len(sampled) - 1
-            layers, self_attempt, n_lookup, kind = pending.get(req, ((), False, 0, ""))
+            layers, self_attempt, n_lookup = pending.get(req, ((), False, 0))
             for i, layer in enumerate(layers):
                 name = source_name(layer)
                 self.drafted_by_source[name] += 1
@@ -199,7 +198,7 @@ class AdaDecodeProposer:
                 if layer >= 0:
                     (self.accepted_by_exit if i < accepted else self.rejected_by_exit)[layer] += 1
             if n_lookup:
-                self.adapt.lookup_verified(req, n_lookup, min(accepted, n_lookup), kind)
+                self.adapt.lookup_verified(req, n_lookup, min(accepted, n_lookup))
             if self_attempt and accepted >= n_lookup:
                 # The self-drafts were judged only if every lookup token before them held.
                 self.adapt.self_verified(req, accepted - n_lookup)
@@ -319,7 +318,7 @@ class AdaDecodeProposer:
                 self.steps_by_sources[key] += 1
             if d.drafted or d.self_attempt:
                 self._pending[batch.req_id(d.row)] = (d.exit_layers, d.self_attempt,
-                                                      d.n_lookup, d.lookup_kind)
+                                                      d.n_lookup)
             if d.drafted:
                 self.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
             if (self.config.deferred and (d.drafted or d.tail)
@@ -362,16 +361,15 @@ class AdaDecodeProposer:
             tokens = batch.token_ids(d.row)
             cap = min(self.config.lookup_tokens, d.budget)
             # The request's own tokens, then the cache of earlier responses.
-            # Both kinds share one acceptance estimate per request: judging
-            # long matches, short matches and cache matches apart drafted less
-            # and measured slower (docs/PERFORMANCE.md section 9).
-            kind = "lookup"
+            # Both share one acceptance estimate per request: judging long,
+            # short and cache matches apart drafted less and measured slower
+            # (docs/PERFORMANCE.md section 9).
             found, source = self.lookup.propose(tokens, cap), LOOKUP
             if not found.shape[0] and self.cache is not None:
                 found, source = self.cache.propose(tokens, cap), CACHE
             if not found.shape[0]:
                 return
-            k = self.adapt.lookup_length(req, kind)
+            k = self.adapt.lookup_length(req)
             toks = found[:k].tolist()
         finally:
             self.lookup_seconds += time.perf_counter() - t0
@@ -386,7 +384,6 @@ class AdaDecodeProposer:
         d.drafted = list(toks)
         d.exit_layers = [source] * m
         d.n_lookup = m
-        d.lookup_kind = kind
         d.token = toks[-1]
         d.position += m
 

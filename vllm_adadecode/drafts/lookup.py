@@ -35,17 +35,15 @@ class SequenceLookup:
         """Compile the numba matcher now (about a second), not in a request."""
         self.propose(np.array([1, 2, 3, 1, 2], dtype=np.int32), 2)
 
-    def propose(self, tokens: np.ndarray, k: int, max_len: int | None = None,
-                min_match: int | None = None) -> np.ndarray:
+    def propose(self, tokens: np.ndarray, k: int, max_len: int | None = None) -> np.ndarray:
         """Up to ``k`` tokens that followed the longest earlier occurrence of
         the sequence's suffix; empty when no suffix of ``min_match`` tokens
-        (default: this lookup's) recurs. ``max_len`` bounds the sequence length
-        plus the proposal (default: the model's max_model_len)."""
-        lo = self.min_match if min_match is None else min_match
-        if k <= 0 or tokens.shape[0] <= lo:
+        recurs. ``max_len`` bounds the sequence length plus the proposal
+        (default: the model's max_model_len)."""
+        if k <= 0 or tokens.shape[0] <= self.min_match:
             return tokens[:0]
         limit = self.max_model_len if max_len is None else max_len
-        return self._match(tokens, lo, self.max_match, limit, k)
+        return self._match(tokens, self.min_match, self.max_match, limit, k)
 
 
 class ResponseCache:
@@ -94,7 +92,7 @@ class ResponseCache:
         self._used = used
         self._dirty = False
 
-    def propose(self, tokens: np.ndarray, k: int, min_match: int | None = None) -> np.ndarray:
+    def propose(self, tokens: np.ndarray, k: int) -> np.ndarray:
         if not self._responses or k <= 0:
             return tokens[:0]
         if self._dirty:
@@ -105,7 +103,7 @@ class ResponseCache:
             return tokens[:0]
         end = self._used + n
         self._buf[self._used:end] = pattern
-        found = self.lookup.propose(self._buf[:end], k, max_len=end + k, min_match=min_match)
+        found = self.lookup.propose(self._buf[:end], k, max_len=end + k)
         stop = np.nonzero(found == SEPARATOR)[0]
         if stop.shape[0]:
             found = found[:stop[0]]
