@@ -57,6 +57,26 @@ def test_tiny_llama_mixed_greedy_and_sampled_batch(engine, tiny_llama):
     assert ada["spec"]["num_draft_tokens"] > 0
 
 
+# Greedy requests whose greedy token vLLM's sampler may move: allowed tokens,
+# repetition penalty, logprobs, min-tokens. While any is in the batch, drafts
+# are verified on vLLM's own processed logits; otherwise on the raw argmax.
+PROCESSED_GREEDY = [
+    {"temperature": 0.0, "allowed_token_ids": [1000, 1001, 1002]},
+    {"temperature": 0.0, "repetition_penalty": 1.3},
+    {"temperature": 0.0, "logprobs": 3},
+    {"temperature": 0.0, "min_tokens": 40},
+] + [{"temperature": 0.0}] * 4
+
+
+def test_greedy_rows_with_logits_processing_identical_to_vanilla(engine, tiny_llama):
+    van = _tiny(engine, tiny_llama, sampling=PROCESSED_GREEDY)
+    ada = _tiny(engine, tiny_llama, sampling=PROCESSED_GREEDY, speculative_config=DEFERRED)
+    assert ada["token_ids"] == van["token_ids"]
+    assert set(van["token_ids"][0]) <= {1000, 1001, 1002}  # the mask took effect
+    spec = ada["spec"]
+    assert 0 < spec["num_accepted_tokens"] < spec["num_draft_tokens"]
+
+
 def test_tensor_parallel_2_gives_the_same_tokens(engine, tiny_llama):
     one = _tiny(engine, tiny_llama, speculative_config=TINY_SPEC)
     two = _tiny(engine, tiny_llama, speculative_config=TINY_SPEC, tensor_parallel_size=2)

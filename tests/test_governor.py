@@ -102,3 +102,42 @@ def test_rechecks_thin_out_when_the_verdict_is_clear_and_come_back_when_it_chang
     choices, _ = simulate(gov, 2000, 1, {True: 0.042, False: 0.04}, {True: 1, False: 1})
     assert gov.summary()["1"]["recheck_every"] == 16
     assert sum(choices) > 2000 / 20
+
+
+def test_rare_deep_accepts_pay_although_most_drafting_steps_lose():
+    """Lookup-like drafts: 75% of drafting steps are rejected (1 token, 15%
+    slower), 25% accepted 4 deep (5 tokens, 20% slower). The median pair
+    loses; the throughput is 1.8 / 1.16 = 1.55x, so drafting is kept."""
+    import random
+
+    kept = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        gov = Governor(explore_every=16)
+        t, emitted, choices = 0.0, 0, []
+        for _ in range(600):
+            choice = gov.decide(t, emitted, 1)
+            choices.append(choice)
+            if choice and rng.random() < 0.25:
+                t, emitted = t + 0.048, 5
+            elif choice:
+                t, emitted = t + 0.046, 1
+            else:
+                t, emitted = t + 0.040, 1
+        kept += sum(choices[100:]) / 500 > 0.85 and gov.paired_ratio(1) > 1.1
+    # A bucket that sees no accepted draft in its first 12 (probability
+    # 0.75 ** 12 = 3%) may back off for longer; 18 of 20 must keep drafting.
+    assert kept >= 18
+
+
+def test_a_step_is_labelled_by_what_it_did():
+    """Allowed to draft, but no request had a draft: a plain step."""
+    gov = Governor(explore_every=16)
+    t = 0.0
+    for i in range(40):
+        gov.decide(t, 1, 1)
+        gov.drafted(i % 2 == 0)  # half the allowed steps found nothing to draft
+        t += 0.05 if i % 2 == 0 else 0.04
+    s = gov.summary()["1"]
+    assert s["draft_steps"] == 20 and s["skip_steps"] == 20
+    assert s["pairs"] > 0 and gov.paired_ratio(1) < 1.0  # same tokens, slower

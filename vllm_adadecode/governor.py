@@ -14,11 +14,21 @@ t, then the engine step that verifies it; the tokens that step emitted arrive
 with call t+1. Pure Python, no vLLM: unit-tested on its own.
 
 Rates are compared in pairs: a step that drafted and an adjacent step that did
-not, at the same batch size, give one ratio. Within a bucket the batch size
+not, at the same batch size, form one pair. Within a bucket the batch size
 drifts (requests finish or arrive), and throughput moves with it; medians of
 unpaired rates taken at different moments can then favour whichever choice
-happened to be measured at the larger batch. Paired ratios cancel that. Until a
+happened to be measured at the larger batch. Pairs cancel that. Until a
 bucket has a pair, its unpaired medians decide.
+
+Over a bucket's recent pairs the two choices are compared by throughput: all
+tokens the drafting steps emitted over all their time, against the same for
+their plain partners. Not by the median of per-pair ratios: a lookup draft is
+either rejected (its step a little slower, most steps) or accepted several
+tokens deep (two to four times the tokens, fewer steps), so the median pair
+loses while the total gains (docs/PERFORMANCE.md section 9, attempt 3).
+
+A step is labelled by what it did (``drafted``): a step allowed to draft in
+which no request had a draft is a plain step.
 
 Re-checks cost: where drafting loses by 20%, re-checking every 16th step costs
 about 1.5% of decoding. A re-check that finds the paired ratio clearly away
@@ -34,8 +44,9 @@ from collections import Counter, deque
 
 
 class Governor:
-    def __init__(self, explore_every: int = 16, window: int = 16, max_gap_s: float = 5.0,
-                 max_explore_every: int = 64, settled_margin: float = 0.1):
+    def __init__(self, explore_every: int = 16, window: int = 32, max_gap_s: float = 5.0,
+                 max_explore_every: int = 64, settled_margin: float = 0.1,
+                 min_pairs: int = 12):
         self.explore_every = explore_every
         self.max_explore_every = max(explore_every, max_explore_every)
         self.settled_margin = settled_margin
@@ -45,15 +56,21 @@ class Governor:
         self._since: Counter[int] = Counter()
         self._decided: dict[int, bool] = {}
         self.window = window
+        # A bucket alternates drafting and plain steps until it holds this many
+        # pairs: one step's outcome is too noisy a verdict when a draft either
+        # fails or wins big.
+        self.min_pairs = min(min_pairs, window)
+        self._last_choice: dict[int, bool] = {}
         self.max_gap_s = max_gap_s  # longer gaps are idle time, not a step
         self.rates: dict[tuple[int, bool], deque] = {}
-        # Per bucket: rate after drafting / rate after not drafting, for
-        # adjacent steps at the same batch size.
+        # Per bucket: (tokens, seconds) of a drafting step and of an adjacent
+        # plain step at the same batch size.
         self.pairs: dict[int, deque] = {}
         self.steps: Counter[int] = Counter()
         self.decisions: Counter[tuple[int, bool]] = Counter()
         self._last: tuple[float, int, bool, int] | None = None  # time, bucket, choice, batch
-        self._prev: tuple[int, bool, float] | None = None  # last observation: batch, choice, rate
+        # Last observation: batch size, choice, tokens, seconds.
+        self._prev: tuple[int, bool, int, float] | None = None
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -65,9 +82,16 @@ class Governor:
         return statistics.median(r) if r else None
 
     def paired_ratio(self, bucket: int) -> float | None:
-        """Median of (drafting rate / non-drafting rate) over adjacent pairs."""
+        """Throughput of the drafting steps over that of their plain partners,
+        across the bucket's recent pairs."""
         p = self.pairs.get(bucket)
-        return statistics.median(p) if p else None
+        if not p:
+            return None
+        tok_d = sum(x[0] for x in p)
+        sec_d = sum(x[1] for x in p)
+        tok_n = sum(x[2] for x in p)
+        sec_n = sum(x[3] for x in p)
+        return (tok_d / sec_d) / (tok_n / sec_n)
 
     def _observe(self, now: float, tokens_emitted: int) -> None:
         t0, b, drafted, size = self._last
@@ -75,13 +99,15 @@ class Governor:
         if not (0 < dt <= self.max_gap_s and tokens_emitted > 0):
             self._prev = None
             return
-        rate = tokens_emitted / dt
-        self.rates.setdefault((b, drafted), deque(maxlen=self.window)).append(rate)
+        self.rates.setdefault((b, drafted), deque(maxlen=self.window)).append(tokens_emitted / dt)
         prev = self._prev
         if prev is not None and prev[0] == size and prev[1] != drafted:
-            ratio = rate / prev[2] if drafted else prev[2] / rate
-            self.pairs.setdefault(b, deque(maxlen=self.window)).append(ratio)
-        self._prev = (size, drafted, rate)
+            here = (tokens_emitted, dt)
+            pair = (*here, *prev[2:]) if drafted else (*prev[2:], *here)
+            self.pairs.setdefault(b, deque(maxlen=self.window)).append(pair)
+            self._prev = None  # each step in one pair at most: pairs are independent
+            return
+        self._prev = (size, drafted, tokens_emitted, dt)
 
     def _best(self, b: int) -> bool | None:
         """Whether drafting pays in bucket b; None when not yet measured both ways."""
@@ -99,11 +125,13 @@ class Governor:
             self._observe(now, tokens_emitted)
         b = self.bucket(batch_size)
         self.steps[b] += 1
-        best = self._best(b)
-        if best is None:  # measure drafting first, then not drafting
-            choice = self.rate(b, True) is None
+        learning = (len(self.pairs.get(b, ())) < self.min_pairs
+                    and self.steps[b] <= 4 * self.min_pairs)
+        if learning or self._best(b) is None:
+            choice = not self._last_choice.get(b, False)  # learning: draft, plain, ...
         else:
-            choice = self._choose(b, best)
+            choice = self._choose(b, self._best(b))
+        self._last_choice[b] = choice
         self._last = (now, b, choice, batch_size)
         self.decisions[(b, choice)] += 1
         return choice
@@ -124,6 +152,17 @@ class Governor:
                             else self.explore_every)
         return not best
 
+    def drafted(self, drafted: bool) -> None:
+        """What the step just decided actually did: a step allowed to draft in
+        which no request had a draft is measured as a plain step."""
+        if self._last is None or self._last[2] == drafted:
+            return
+        t0, b, choice, size = self._last
+        self.decisions[(b, choice)] -= 1
+        self.decisions[(b, drafted)] += 1
+        self._last = (t0, b, drafted, size)
+        self._last_choice[b] = drafted
+
     def idle(self) -> None:
         """No step follows (nothing to decode): the next gap is not a step."""
         self._last = None
@@ -141,7 +180,7 @@ class Governor:
                 "skip_steps": self.decisions[(b, False)],
                 "tokens_per_s_drafting": self.rate(b, True),
                 "tokens_per_s_not_drafting": self.rate(b, False),
-                "paired_ratio": self.paired_ratio(b),
+                "paired_ratio": self.paired_ratio(b),  # throughput, drafting / plain
                 "pairs": len(self.pairs.get(b, ())),
                 "recheck_every": self.interval.get(b, self.explore_every),
             }

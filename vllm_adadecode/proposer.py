@@ -306,6 +306,11 @@ class AdaDecodeProposer:
                 d.self_attempt = True
                 drafting.append(d)
             requests.append(d)
+        if self.governor is not None:
+            # Label the step by what it did: drafts proposed, self-drafts attempted.
+            self.governor.drafted(any(d.drafted for d in requests) or bool(drafting))
+            if self.self_governor is not None:
+                self.self_governor.drafted(bool(drafting))
         self._embed_lookup_inputs(drafting)
         while drafting:
             exited = self._draft_step(batch, drafting)

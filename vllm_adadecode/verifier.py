@@ -35,9 +35,9 @@ def exact_match(
     """Tokens to emit per request, [B, max_spec_len + 1], padded with -1."""
     B = len(num_draft_tokens)
     out = torch.full((B, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
-    lengths = torch.as_tensor(list(num_draft_tokens), dtype=torch.int64)
     if B == 0:
         return out
+    lengths = torch.as_tensor(list(num_draft_tokens), dtype=torch.int64)
     S = max(1, max_spec_len)
     draft = torch.full((B, S), PLACEHOLDER_TOKEN_ID, dtype=torch.int64)
     target = torch.full((B, S), PLACEHOLDER_TOKEN_ID, dtype=torch.int64)
@@ -47,12 +47,12 @@ def exact_match(
     draft[rows, cols] = draft_token_ids.to(torch.int64).cpu()
     target[rows, cols] = target_token_ids.to(torch.int64).cpu()
     accepted = accepted_lengths(draft, target, lengths)
-    bonus = bonus_token_ids.reshape(B).to(torch.int64).cpu()
-    for i in range(B):
-        a, d = int(accepted[i]), int(lengths[i])
-        if a < d:  # accepted drafts, then the full model's token at the mismatch
-            out[i, : a + 1] = target[i, : a + 1].to(torch.int32)
-        else:  # every draft accepted: then the bonus token
-            out[i, :d] = target[i, :d].to(torch.int32)
-            out[i, d] = int(bonus[i])
+    # The full model's tokens up to and including the first mismatch (all of
+    # them when every draft holds), then the bonus token where every draft held.
+    n_target = torch.minimum(accepted + 1, lengths)
+    keep = torch.arange(S).unsqueeze(0) < n_target.unsqueeze(1)
+    out[:, :S] = torch.where(keep, target, PLACEHOLDER_TOKEN_ID).to(torch.int32)
+    full = (accepted == lengths).nonzero().squeeze(1)
+    bonus = bonus_token_ids.reshape(B).to(torch.int32).cpu()
+    out[full, lengths[full]] = bonus[full]
     return out.to(bonus_token_ids.device)

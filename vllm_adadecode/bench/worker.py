@@ -107,6 +107,13 @@ def _start_engine(job: dict[str, Any], max_num_seqs: int):
     return LLM(**kwargs)
 
 
+def _sampling_fields(fields: dict) -> dict:
+    """SamplingParams fields from JSON (whose object keys are strings)."""
+    if "logit_bias" in fields:
+        fields = {**fields, "logit_bias": {int(k): v for k, v in fields["logit_bias"].items()}}
+    return fields
+
+
 def _chat(tok, prompts: list[str]) -> list[str]:
     return [
         tok.apply_chat_template(
@@ -150,7 +157,8 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
     texts = list(job["prompts"]) if job.get("raw_prompts") else _chat(tok, job["prompts"])
     max_tokens = job.get("max_tokens", 128)
     if job.get("sampling"):  # per-prompt SamplingParams fields, e.g. temperature, seed
-        params = [SamplingParams(max_tokens=max_tokens, **s) for s in job["sampling"]]
+        params = [SamplingParams(max_tokens=max_tokens, **_sampling_fields(s))
+                  for s in job["sampling"]]
     else:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     if job.get("warmup", True):
