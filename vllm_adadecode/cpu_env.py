@@ -50,10 +50,10 @@ def runtime_env(base: dict[str, str] | None = None, *, tensor_parallel_size: int
 def reexec_with_runtime_env(argv: list[str]) -> None:
     """Restart this Python process once with runtime_env() (LD_PRELOAD only
     takes effect at process start)."""
-    if os.environ.get("VLLM_ADADECODE_ENV_APPLIED") == "1":
+    if os.environ.get("ADADECODE_ENV_APPLIED") == "1":
         return
     env = runtime_env()
-    env["VLLM_ADADECODE_ENV_APPLIED"] = "1"
+    env["ADADECODE_ENV_APPLIED"] = "1"
     os.execve(sys.executable, [sys.executable, *argv], env)
 
 

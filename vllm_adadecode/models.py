@@ -24,8 +24,8 @@ _PACKAGED = {
 
 
 def cache_root() -> Path:
-    """Where converted models live: $VLLM_ADADECODE_CACHE or ~/.cache/vllm_adadecode."""
-    env = os.environ.get("VLLM_ADADECODE_CACHE")
+    """Where converted models live: $ADADECODE_CACHE or ~/.cache/vllm_adadecode."""
+    env = os.environ.get("ADADECODE_CACHE")
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

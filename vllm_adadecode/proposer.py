@@ -78,7 +78,7 @@ class AdaDecodeProposer:
         # The next step's sampled tokens tell how many of them were accepted.
         self._pending: dict[str, list[int]] = {}
         # Per-request counters (steps, accepted) for benchmark breakdowns only.
-        self.per_request = os.environ.get("VLLM_ADADECODE_STATS") == "1"
+        self.per_request = os.environ.get("ADADECODE_STATS") == "1"
         self.governor = Governor() if self.config.adaptive else None
         # With both sources on, a second back-off decides, among steps that
         # draft, whether early-exit self-drafts pay on top of lookups.
@@ -104,7 +104,7 @@ class AdaDecodeProposer:
         if not self.config.deferred:
             self.deferred_forward = None
         patches.install_runner_hooks()
-        self.profile = os.environ.get("VLLM_ADADECODE_PROFILE") == "1"
+        self.profile = os.environ.get("ADADECODE_PROFILE") == "1"
         if self.profile:
             atexit.register(self._report)
 

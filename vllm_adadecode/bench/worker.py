@@ -327,7 +327,7 @@ def run_job(job: dict[str, Any], *, log_path: str | None = None) -> dict[str, An
 
     env = runtime_env(tensor_parallel_size=job.get("tensor_parallel_size", 1))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    env.setdefault("VLLM_ADADECODE_STATS", "1")  # per-request drafter counters
+    env.setdefault("ADADECODE_STATS", "1")  # per-request drafter counters
     with tempfile.TemporaryDirectory() as d:
         job_file, out_file = Path(d) / "job.json", Path(d) / "out.json"
         job_file.write_text(json.dumps(job))
