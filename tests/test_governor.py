@@ -141,3 +141,18 @@ def test_a_step_is_labelled_by_what_it_did():
     s = gov.summary()["1"]
     assert s["draft_steps"] == 20 and s["skip_steps"] == 20
     assert s["pairs"] > 0 and gov.paired_ratio(1) < 1.0  # same tokens, slower
+
+
+def test_steps_that_ran_a_prefill_are_left_out():
+    """Batch 1, one request after another: drafting wins 2x, but each
+    request's first step also ran a long prefill (0.5 s). Counted as steps,
+    those make whichever choice they land on look slow; left out, they do not."""
+    gov = Governor(explore_every=16)
+    t, emitted, prefill = 0.0, 0, False
+    for i in range(400):
+        choice = gov.decide(t, emitted, 1, measured=not prefill)  # the step just done
+        prefill = i % 20 == 0  # this step also runs the next request's prompt
+        t += 0.5 if prefill else 0.0
+        t, emitted = t + (0.06 if choice else 0.04), (3 if choice else 1)
+    assert 1.8 < gov.paired_ratio(1) < 2.2  # counted, they gave 0.86
+    assert gov.summary()["1"]["draft_steps"] > 300

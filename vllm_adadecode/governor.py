@@ -119,10 +119,18 @@ class Governor:
             return None
         return with_draft >= without
 
-    def decide(self, now: float, tokens_emitted: int, batch_size: int) -> bool:
-        """Record the step that just finished; return whether to draft now."""
+    def decide(self, now: float, tokens_emitted: int, batch_size: int,
+               measured: bool = True) -> bool:
+        """Record the step that just finished; return whether to draft now.
+
+        ``measured=False``: the step that just finished also did other work
+        (a prompt's prefill), so its time says nothing about drafting; it is
+        left out, and pairs with neither neighbour."""
         if self._last is not None:
-            self._observe(now, tokens_emitted)
+            if measured:
+                self._observe(now, tokens_emitted)
+            else:
+                self._prev = None
         b = self.bucket(batch_size)
         self.steps[b] += 1
         learning = (len(self.pairs.get(b, ())) < self.min_pairs

@@ -270,7 +270,7 @@ class AdaDecodeProposer:
     def _propose(self, runner, sampled_token_ids: list[list[int]]) -> list[list[int]]:
         batch = patches.RunnerBatch(runner)
         self._settle(batch, sampled_token_ids)
-        self._track(batch)
+        joined = self._track(batch)
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         go_self = self.config.self_draft
         if self.governor is not None:
@@ -281,13 +281,18 @@ class AdaDecodeProposer:
                     self.self_governor.idle()
                 return out
             now, emitted = time.perf_counter(), sum(map(len, active))
-            go = self.governor.decide(now, emitted, len(active))
+            # A step that ran a prefill (a request joined, or one is still
+            # prefilling) is not a measure of drafting: at batch 1 a long
+            # prompt's prefill would count as one slow step.
+            measured = not joined and len(active) == batch.num_reqs
+            go = self.governor.decide(now, emitted, len(active), measured)
             if not patches.tp_agree(go):
                 if self.self_governor is not None:
                     self.self_governor.idle()
                 return out
             if self.self_governor is not None:
-                go_self = patches.tp_agree(self.self_governor.decide(now, emitted, len(active)))
+                go_self = patches.tp_agree(self.self_governor.decide(now, emitted, len(active),
+                                                                     measured))
         requests: list[_Draft] = []
         drafting: list[_Draft] = []
         for row, sampled in enumerate(sampled_token_ids):
@@ -340,9 +345,10 @@ class AdaDecodeProposer:
                                                      len(d.drafted))
         return out
 
-    def _track(self, batch: "patches.RunnerBatch") -> None:
+    def _track(self, batch: "patches.RunnerBatch") -> bool:
         """Requests that left the runner since the last step: their responses
-        go into the lookup cache, their drafting state is dropped."""
+        go into the lookup cache, their drafting state is dropped. Returns
+        whether a request joined (its prefill ran in the step just done)."""
         live = [batch.req_id(r) for r in range(batch.num_reqs)]
         live_set = set(live)
         for req in [r for r in self._live if r not in live_set]:
@@ -352,9 +358,12 @@ class AdaDecodeProposer:
             self.adapt.forget(req)
             if self.cache is not None and state is not None:
                 self.cache.add(batch.output_token_ids(state))
+        joined = False
         for req in live:
             if req not in self._live:
                 self._live[req] = batch.request_state(req)
+                joined = True
+        return joined
 
     def _lookup_draft(self, batch: "patches.RunnerBatch", d: _Draft, req: str) -> None:
         """Lookup tokens first: the continuation of the request's longest
