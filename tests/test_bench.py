@@ -144,11 +144,13 @@ def test_speedup_divides_by_the_faster_plain_configuration():
     assert recs[0]["repeats"][0]["speedup"] == pytest.approx(10 / 12)
     m = H.parse_method('vanilla={"async_scheduling": false}')
     assert m.kind == "vanilla" and m.engine_args == {"async_scheduling": False}
+    m = H.parse_method('vanilla={"label": "vanilla-last"}')
+    assert (m.label, m.kind, m.engine_args) == ("vanilla-last", "vanilla", None)
 
 
 @pytest.mark.parametrize("bad, field", [
     ("medusa", "--method"), ('adadecode={"threshold": ', "--method"), ("draft_model", "draft"),
-    ('vanilla={"a": 1}', "vanilla"),
+    ('vanilla={"a": 1}', "vanilla"), ('vanilla={"label": 3}', "label"),
 ])
 def test_bad_methods_name_the_flag(bad, field):
     with pytest.raises(H.BenchError, match=field):

@@ -3,9 +3,9 @@
 Speculation that wins at batch 1 can lose under load, when the verification
 pass is compute-bound and every rejected draft costs real time. The governor
 measures, per batch-size bucket (1, 2-3, 4-7, 8-15, ...), the engine's output
-rate (tokens emitted per second of wall time, one engine step at a time) after
-steps that drafted and after steps that did not, and drafts only in buckets
-where drafting has the higher median rate. It keeps re-checking the other
+(tokens emitted and wall time, one engine step at a time) after steps that
+drafted and after steps that did not, and drafts only in buckets where the
+drafting steps have the higher throughput. It keeps re-checking the other
 choice every ``explore_every`` steps, so a bucket whose balance changes (other
 prompts, other load) is re-decided.
 

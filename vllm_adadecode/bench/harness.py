@@ -44,7 +44,9 @@ class Method:
 
 def parse_method(text: str, draft_model: str | None = None) -> Method:
     """``NAME`` or ``NAME=JSON`` where NAME is one of METHODS and JSON holds
-    speculative-config fields, e.g. ``adadecode={"threshold": 0.6}``."""
+    speculative-config fields, e.g. ``adadecode={"threshold": 0.6}``; a
+    ``label`` field names the method in the tables (``vanilla={"label":
+    "vanilla-last"}``: a second plain engine, a control for run-order drift)."""
     name, _, extra_text = text.partition("=")
     name = name.strip()
     if name not in METHODS:
@@ -56,9 +58,13 @@ def parse_method(text: str, draft_model: str | None = None) -> Method:
     if not isinstance(extra, dict):
         raise BenchError(f"--method {name}: settings must be a JSON object, got {extra_text!r}")
     extra.pop("method", None)
-    label = name
-    if extra:
-        label += "[" + ",".join(f"{k}={_short(v)}" for k, v in extra.items()) + "]"
+    label = extra.pop("label", None)
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise BenchError(f"--method {name}: label must be a non-empty string, got {label!r}")
+    if label is None:
+        label = name
+        if extra:
+            label += "[" + ",".join(f"{k}={_short(v)}" for k, v in extra.items()) + "]"
     engine = {k: extra.pop(k) for k in ENGINE_KEYS if k in extra} or None
     if name == "vanilla":
         if extra:
