@@ -135,10 +135,11 @@ class Governor:
         self.steps[b] += 1
         learning = (len(self.pairs.get(b, ())) < self.min_pairs
                     and self.steps[b] <= 4 * self.min_pairs)
-        if learning or self._best(b) is None:
+        best = None if learning else self._best(b)
+        if best is None:
             choice = not self._last_choice.get(b, False)  # learning: draft, plain, ...
         else:
-            choice = self._choose(b, self._best(b))
+            choice = self._choose(b, best)
         self._last_choice[b] = choice
         self._last = (now, b, choice, batch_size)
         self.decisions[(b, choice)] += 1

@@ -339,6 +339,9 @@ def _install_exact_match_verifier() -> None:
     rs.apply_sampling_constraints = apply_sampling_constraints
 
     verify = rs.RejectionSampler.forward
+    from vllm.v1.outputs import SamplerOutput
+
+    from .verifier import exact_match
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         if not _argmax_is_the_sample(sampling_metadata):
@@ -350,10 +353,6 @@ def _install_exact_match_verifier() -> None:
                                 predict_bonus_token=True)
         # Every row greedy and nothing that changes its argmax: the greedy
         # token of every row in one pass, no copies of the logits.
-        from vllm.v1.outputs import SamplerOutput
-
-        from .verifier import exact_match
-
         greedy = logits.argmax(dim=-1)
         out = exact_match(metadata.draft_token_ids, metadata.num_draft_tokens,
                           greedy[metadata.target_logits_indices],
