@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from vllm_adadecode.drafts.adapt import (VERIFY_COST, Acceptance, DraftAdaptation,
+from vllm_adadecode.drafts.adapt import (VERIFY_COST, Acceptance, DraftAdaptation, StepCost,
                                          best_lookup_length)
 from vllm_adadecode.drafts.lookup import ResponseCache, SequenceLookup
 
@@ -110,3 +110,62 @@ def test_self_draft_early_stop_doubles_and_resets():
     assert ad.state("r").self_skip == 8
     ad.self_verified("r", 2)
     assert ad.may_self_draft("r")
+
+
+def _fitted_cost(row_ms: float = 2.0) -> StepCost:
+    """A cost fitted on steps like those measured at concurrency 16 here: a
+    16-request step of about 47 ms, each drafted row about ``row_ms`` more; and
+    at batch 1 about 23 ms plus 1.5 ms per drafted row."""
+    rng = np.random.default_rng(0)
+    cost = StepCost()
+    for _ in range(200):
+        extra = int(rng.integers(0, 6)) if rng.random() < 0.5 else 0
+        cost.observe(0.023 + 0.0015 * extra + rng.normal(0, 0.0005), 1, extra)
+        batch = int(rng.integers(12, 17))
+        extra = int(rng.integers(0, 30)) if rng.random() < 0.5 else 0
+        cost.observe(0.007 + 0.0025 * batch + row_ms * 1e-3 * extra
+                     + rng.normal(0, 0.001), batch, extra)
+    cost.set_fits(cost.refit())
+    return cost
+
+
+def test_step_cost_fit_recovers_the_row_cost():
+    cost = _fitted_cost()
+    assert cost.fitted(1) and cost.fitted(16) and not cost.fitted(64)
+    per_row_16 = cost.step(16, 10) - cost.step(16, 9)
+    per_row_1 = cost.step(1, 3) - cost.step(1, 2)
+    assert per_row_16 == pytest.approx(0.002, rel=0.1)
+    assert per_row_1 == pytest.approx(0.0015, rel=0.1)
+    assert cost.step(16, 0) == pytest.approx(0.047, rel=0.05)
+    # Too few steps with drafts: no fit, the batch-1 ratios stand in.
+    sparse = StepCost()
+    for _ in range(40):
+        sparse.observe(0.05, 16, 0)
+    assert sparse.refit() == {}
+    assert sparse.step(16, 1) == pytest.approx(VERIFY_COST[2])
+
+
+def test_lookup_length_is_batch_aware():
+    cost = _fitted_cost()
+    p = 0.4
+    alone = best_lookup_length(p, 5, cost=cost, batch=1)
+    loaded = best_lookup_length(p, 5, cost=cost, batch=16)
+    assert alone >= 1 and loaded == 0  # pays at batch 1, not at batch 16
+    assert best_lookup_length(0.95, 5, cost=cost, batch=16) >= 1
+    # With cheap rows it pays at batch 16 too.
+    assert best_lookup_length(p, 5, cost=_fitted_cost(row_ms=0.3), batch=16) >= 1
+
+
+def test_later_requests_of_a_step_see_earlier_drafts():
+    ad = DraftAdaptation(k_max=5)
+    ad.cost = _fitted_cost(row_ms=0.5)
+    for _ in range(10):
+        ad.lookup_verified("sure", 5, 5)
+    ad.begin_step(16)
+    k = ad.lookup_length("sure")
+    assert k >= 1
+    before = (ad._extra, ad._tokens)
+    ad.commit("sure", k)
+    assert ad._extra == before[0] + k and ad._tokens > before[1]
+    ad.begin_step(16)
+    assert (ad._batch, ad._extra, ad._tokens) == (16, 0, 16.0)

@@ -460,6 +460,19 @@ def ngram_matcher():
     return match
 
 
+def tp_broadcast(values: list[float]) -> list[float]:
+    """Tensor-parallel rank 0's ``values`` on every rank (a decision computed
+    from timings must be the same on every rank: drafts are scheduled once)."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=group.device)
+    group.broadcast(t, src=0)
+    return t.tolist()
+
+
 def tp_agree(flag: bool) -> bool:
     """Tensor-parallel rank 0's ``flag`` on every rank (ranks time themselves
     separately, but must all draft, or all not, since drafting runs collectives)."""

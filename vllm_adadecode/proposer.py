@@ -63,6 +63,10 @@ class _Draft:
     tail: tuple | None = None
 
 
+# Drafter calls between refits of the step-cost model (shared across tensor-parallel ranks).
+_COST_SYNC_EVERY = 32
+
+
 class AdaDecodeProposer:
     """vLLM drafter (loaded through vLLM's custom-class proposer hook)."""
 
@@ -88,6 +92,10 @@ class AdaDecodeProposer:
         # request drafts all it can on every step.
         self.adapt = DraftAdaptation(self.config.lookup_tokens,
                                      fixed=not self.config.adaptive)
+        # The last step's start (the drafter's call), its requests and the
+        # draft rows it scheduled beside them (for the step-cost fit).
+        self._step_start: float | None = None
+        self._step_shape: tuple[int, int] | None = None
         self.lookup = self.cache = None
         if self.config.lookup:
             self.lookup = SequenceLookup(self.config.lookup_min_match,
@@ -276,6 +284,7 @@ class AdaDecodeProposer:
         if self.governor is not None:
             active = [s for s in sampled_token_ids if s]
             if not active:
+                self._step_start = None
                 self.governor.idle()
                 if self.self_governor is not None:
                     self.self_governor.idle()
@@ -285,6 +294,8 @@ class AdaDecodeProposer:
             # prefilling) is not a measure of drafting: at batch 1 a long
             # prompt's prefill would count as one slow step.
             measured = not joined and len(active) == batch.num_reqs
+            self._observe_step(now, measured)
+            self._step_shape = (len(active), 0)  # until drafts are proposed
             go = self.governor.decide(now, emitted, len(active), measured)
             if not patches.tp_agree(go):
                 if self.self_governor is not None:
@@ -295,6 +306,7 @@ class AdaDecodeProposer:
                                                                      measured))
         requests: list[_Draft] = []
         drafting: list[_Draft] = []
+        self.adapt.begin_step(sum(1 for s in sampled_token_ids if s))
         for row, sampled in enumerate(sampled_token_ids):
             # Sampled requests get no drafts: they are sampled exactly as without speculation.
             if not sampled or not batch.is_greedy(row):
@@ -320,6 +332,8 @@ class AdaDecodeProposer:
         while drafting:
             exited = self._draft_step(batch, drafting)
             drafting = [d for d in exited if len(d.drafted) < d.budget]
+        self._step_shape = (sum(1 for x in sampled_token_ids if x),
+                            sum(len(d.drafted) for d in requests))
         for d in requests:
             out[d.row] = d.drafted
             if d.drafted:
@@ -344,6 +358,24 @@ class AdaDecodeProposer:
                 self._states[batch.req_id(d.row)] = (first, depth, hidden, residual,
                                                      len(d.drafted))
         return out
+
+    def _observe_step(self, now: float, measured: bool) -> None:
+        """The step since the last call, for the step-cost fit (drafts/adapt.py).
+        Every ``_COST_SYNC_EVERY`` calls the fit is redone, on rank 0's steps
+        for every tensor-parallel rank (lookup lengths follow from it, and all
+        ranks must propose the same drafts)."""
+        last, self._step_start = self._step_start, now
+        shape, self._step_shape = self._step_shape, None
+        if measured and last is not None and shape is not None and now - last < 5.0:
+            self.adapt.cost.observe(now - last, *shape)
+        if self.calls % _COST_SYNC_EVERY == 0:
+            fits = self.adapt.cost.refit()
+            buckets = range(1, 12)
+            flat = [v for bkt in buckets for v in fits.get(bkt, (0.0, 0.0, 0.0))]
+            flat = patches.tp_broadcast(flat)
+            self.adapt.cost.set_fits({
+                bkt: tuple(flat[3 * i:3 * i + 3]) for i, bkt in enumerate(buckets)
+                if flat[3 * i + 2] > 0})
 
     def _track(self, batch: "patches.RunnerBatch") -> bool:
         """Requests that left the runner since the last step: their responses
@@ -372,8 +404,12 @@ class AdaDecodeProposer:
         self-draft that follows carries them through its layers."""
         t0 = time.perf_counter()
         try:
+            # How many lookup tokens would pay for this request in this step,
+            # decided before searching: none, and the search is skipped.
+            cap = min(self.adapt.lookup_length(req), self.config.lookup_tokens, d.budget)
+            if cap <= 0:
+                return
             tokens = batch.token_ids(d.row)
-            cap = min(self.config.lookup_tokens, d.budget)
             # The request's own tokens, then the cache of earlier responses.
             # Both share one acceptance estimate per request: judging long,
             # short and cache matches apart drafted less and measured slower
@@ -381,10 +417,8 @@ class AdaDecodeProposer:
             found, source = self.lookup.propose(tokens, cap), LOOKUP
             if not found.shape[0] and self.cache is not None:
                 found, source = self.cache.propose(tokens, cap), CACHE
-            if not found.shape[0]:
-                return
-            k = self.adapt.lookup_length(req)
-            toks = found[:k].tolist()
+            toks = found.tolist()
+            self.adapt.commit(req, len(toks))
         finally:
             self.lookup_seconds += time.perf_counter() - t0
         if not toks:

@@ -1,13 +1,21 @@
 """Per-request draft length and self-draft early stop (pure Python, no vLLM).
 
 Lookup drafts cost no layers in drafting, but each one is a row in the
-verification forward. A forward over n new tokens costs ``VERIFY_COST[n]``
-times a one-token forward (measured here: SmolLM2-135M fp32, batch 1, vLLM's
-engine). If each next lookup token is accepted with probability p given the
-ones before it were, k drafts yield 1 + p + ... + p^k tokens for a cost of
-VERIFY_COST[k + 1]; a request drafts the k that maximises that ratio, and no
-lookup tokens when no k beats a plain step. p is estimated per request from
-its own verified lookups, shrunk toward the engine-wide estimate.
+verification forward. If each next lookup token is accepted with probability
+p given the ones before it were, k drafts yield p + ... + p^k more tokens for
+the cost of k more rows in the step. A request drafts the k that most raises
+the step's tokens per second, and no lookup tokens when no k does.
+
+What k more rows cost depends on the batch. At batch 1 a drafted row adds
+about 5-10% to a step that yields one token. At batch 16 it adds about 4% to
+a step that yields about twelve (measured: a request with several query tokens
+takes another attention path than decoding), several times more per token
+gained. ``StepCost`` fits the cost of a step from the engine's own recent
+steps, per batch size; without a fit it falls back to ``VERIFY_COST``, the
+batch-1 ratios measured once on SmolLM2-135M fp32. The requests of one step
+are decided in turn, each seeing the rows and expected tokens of those before
+it (``begin_step``, ``lookup_length``, ``commit``). p is estimated per request
+from its own verified lookups, shrunk toward the engine-wide estimate.
 
 Self-drafts (early exits) stop per request as Kangaroo's and DEL's do: after
 an attempt that yields no accepted token, the request skips self-drafting for
@@ -21,6 +29,7 @@ drafting pays at all; this module decides how much each request drafts.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 # Relative cost of one forward over n new tokens (index n), batch 1; measured
@@ -41,16 +50,104 @@ def _interpolate(n: int) -> float:
 VERIFY_COST = [1.0] + [_interpolate(n) for n in range(1, 65)]
 
 
-def best_lookup_length(p: float, k_max: int, margin: float = 0.02) -> int:
-    """The number of lookup drafts (0..k_max) with the most tokens per unit of
-    verification cost, when each is accepted with probability p given the
-    previous ones; 0 unless some length beats a plain step by ``margin``."""
-    best_k, best = 0, 1.0 + margin
-    gain, term = 1.0, 1.0
+class StepCost:
+    """What a step costs with ``extra`` drafted rows beside its ``batch``
+    requests, fitted while serving.
+
+    Per batch-size bucket (as the back-off's: 1, 2-3, 4-7, ...), the recent
+    measured steps' seconds are fitted as ``a + b * batch + c * extra`` by
+    least squares; ``c`` is everything a drafted row adds: its rows in the
+    forward (where several query tokens of one request take another attention
+    path than decoding), the LM head and verification over it. Until a bucket
+    has enough steps of both kinds, and for relative costs without timings,
+    the batch-1 ratios ``VERIFY_COST`` stand in (one request, its rows).
+    Coefficients change only in ``refit``, so tensor-parallel ranks can share
+    rank 0's."""
+
+    def __init__(self, window: int = 256, min_steps: int = 16, min_each: int = 4):
+        self.window = window
+        self.min_steps = min_steps
+        self.min_each = min_each  # steps with and without extra rows before a fit is used
+        self.samples: dict[int, deque] = {}
+        self.fits: dict[int, tuple[float, float, float]] = {}
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return max(1, batch).bit_length()
+
+    def step(self, batch: int, extra: int) -> float:
+        fit = self.fits.get(self.bucket(batch))
+        if fit is None:  # one request's relative cost at batch 1
+            return VERIFY_COST[min(1 + extra, len(VERIFY_COST) - 1)]
+        a, b, c = fit
+        return a + b * batch + c * extra
+
+    def fitted(self, batch: int) -> bool:
+        return self.bucket(batch) in self.fits
+
+    def observe(self, seconds: float, batch: int, extra: int) -> None:
+        """A measured step (no prefill in it)."""
+        if seconds <= 0 or batch < 1 or extra < 0:
+            return
+        self.samples.setdefault(self.bucket(batch), deque(maxlen=self.window)).append(
+            (seconds, batch, extra))
+
+    def refit(self) -> dict[int, tuple[float, float, float]]:
+        """Least-squares coefficients per bucket that has enough steps of
+        both kinds (a fit whose row cost comes out negative is not used)."""
+        import numpy as np
+
+        fits = {}
+        for bkt, samples in self.samples.items():
+            if len(samples) < self.min_steps:
+                continue
+            arr = np.array(samples, dtype=np.float64)
+            with_rows = int((arr[:, 2] > 0).sum())
+            if with_rows < self.min_each or len(arr) - with_rows < self.min_each:
+                continue
+            x = np.column_stack([np.ones(len(arr)), arr[:, 1], arr[:, 2]])
+            if np.ptp(arr[:, 1]) == 0:  # one batch size: fold b into a
+                x[:, 1] = 0.0
+            coef = np.linalg.lstsq(x, arr[:, 0], rcond=None)[0]
+            a, b, c = (float(v) for v in coef)
+            if c > 0 and a + b * arr[:, 1].mean() > 0:
+                fits[bkt] = (a, b, c)
+        return fits
+
+    def set_fits(self, fits: dict[int, tuple[float, float, float]]) -> None:
+        self.fits = dict(fits)
+
+
+_FALLBACK_COST = StepCost()  # never fitted: the batch-1 ratios
+
+
+def lookup_gain(p: float, k: int) -> float:
+    """Expected accepted tokens of k lookup drafts: p + p^2 + ... + p^k."""
+    gain, term = 0.0, 1.0
+    for _ in range(k):
+        term *= p
+        gain += term
+    return gain
+
+
+def best_lookup_length(p: float, k_max: int, margin: float = 0.02, *,
+                       cost: StepCost | None = None, batch: int = 1, extra: int = 0,
+                       tokens: float | None = None) -> int:
+    """The number of lookup drafts (0..k_max) that most raises the step's
+    tokens per unit of cost, when each is accepted with probability p given the
+    previous ones. The step so far: ``batch`` requests and ``extra`` drafted
+    rows, expected to yield ``tokens`` tokens (default: one per request). A
+    length must raise the step's throughput by ``margin`` of one token's share
+    (``margin / tokens``), so at batch 1 it beats a plain step by ``margin``."""
+    cost = cost or _FALLBACK_COST
+    tokens = float(batch) if tokens is None else tokens
+    base = tokens / cost.step(batch, extra)
+    best_k, best = 0, base * (1.0 + margin / max(tokens, 1.0))
+    gain, term = 0.0, 1.0
     for k in range(1, k_max + 1):
         term *= p
         gain += term
-        ratio = gain / VERIFY_COST[min(k + 1, len(VERIFY_COST) - 1)]
+        ratio = (tokens + gain) / cost.step(batch, extra + k)
         if ratio > best:
             best_k, best = k, ratio
     return best_k
@@ -83,7 +180,7 @@ class RequestDrafting:
 
     # Lookup acceptance per kind of match (e.g. "lookup", "lookup-long", "cache").
     lookup: dict[str, Acceptance] = field(default_factory=dict)
-    lookup_skipped: int = 0  # steps with a match but no lookup drafts, since the last
+    lookup_skipped: int = 0  # steps without lookup drafts allowed, since the last probe
     self_failures: int = 0  # self-draft attempts in a row with no accepted token
     self_skip: int = 0  # steps left before the next self-draft attempt
 
@@ -105,6 +202,14 @@ class DraftAdaptation:
         self.engine: dict[str, Acceptance] = {}  # per kind of match, all requests
         self.prior = prior
         self.requests: dict[str, RequestDrafting] = {}
+        self.cost = StepCost()
+        # The step being decided: its requests, drafted rows so far and the
+        # tokens they are expected to yield (one per request, plus accepted drafts).
+        self._batch, self._extra, self._tokens = 1, 0, 1.0
+
+    def begin_step(self, batch_size: int) -> None:
+        """A new step with ``batch_size`` requests, none drafted yet."""
+        self._batch, self._extra, self._tokens = max(1, batch_size), 0, float(max(1, batch_size))
 
     def state(self, req_id: str) -> RequestDrafting:
         st = self.requests.get(req_id)
@@ -124,13 +229,19 @@ class DraftAdaptation:
         return own.estimate(engine_p) if own else engine_p
 
     def lookup_length(self, req_id: str, kind: str = "lookup") -> int:
-        """Lookup drafts to propose for a request that has a match: the best
-        length for its estimated acceptance; one token every ``probe_every``
-        matched steps when none pays, so the estimate keeps being measured."""
+        """Lookup drafts a request may propose this step: the best length for
+        its estimated acceptance and the step so far (0: do not search); one
+        token every ``probe_every`` steps when none pays, so the estimate
+        keeps being measured."""
         if self.fixed:
             return self.k_max
         st = self.state(req_id)
-        k = best_lookup_length(self.lookup_p(req_id, kind), self.k_max)
+        p = self.lookup_p(req_id, kind)
+        if self.cost.fitted(self._batch):
+            k = best_lookup_length(p, self.k_max, cost=self.cost, batch=self._batch,
+                                   extra=self._extra, tokens=self._tokens)
+        else:  # no fit yet for this batch size: each request as if alone (batch 1)
+            k = best_lookup_length(p, self.k_max)
         if k:
             st.lookup_skipped = 0
             return k
@@ -139,6 +250,13 @@ class DraftAdaptation:
             st.lookup_skipped = 0
             return 1
         return 0
+
+    def commit(self, req_id: str, k: int, kind: str = "lookup") -> None:
+        """The request drafts ``k`` lookup tokens in this step: later requests
+        of the step see its rows and expected tokens."""
+        if k > 0:
+            self._extra += k
+            self._tokens += lookup_gain(self.lookup_p(req_id, kind), k)
 
     def lookup_verified(self, req_id: str, proposed: int, accepted: int,
                         kind: str = "lookup") -> None:
