@@ -169,3 +169,9 @@ def test_later_requests_of_a_step_see_earlier_drafts():
     assert ad._extra == before[0] + k and ad._tokens > before[1]
     ad.begin_step(16)
     assert (ad._batch, ad._extra, ad._tokens) == (16, 0, 16.0)
+
+
+def test_step_cost_summary_names_buckets():
+    summary = _fitted_cost().summary()
+    assert set(summary) == {"1", "8-15", "16-31"}
+    assert summary["1"]["row_ms"] == pytest.approx(1.5, rel=0.1)

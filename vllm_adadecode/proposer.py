@@ -168,6 +168,7 @@ class AdaDecodeProposer:
             "steps_by_sources": dict(self.steps_by_sources),
             "lookup_cache": ({"responses": len(self.cache), "tokens": self.cache.num_tokens,
                               "max_tokens": self.cache.max_tokens} if self.cache else None),
+            "step_cost": self.adapt.cost.summary(),
             "backoff": self.governor.summary() if self.governor else None,
             "backoff_self_draft": (self.self_governor.summary() if self.self_governor
                                    else None),

@@ -114,6 +114,19 @@ class StepCost:
                 fits[bkt] = (a, b, c)
         return fits
 
+    def summary(self) -> dict[str, dict]:
+        """Per fitted bucket (named by its batch sizes): a step's milliseconds
+        without drafts at the bucket's mean batch, and per drafted row."""
+        out = {}
+        for bkt, (a, b, c) in sorted(self.fits.items()):
+            lo, hi = (1 << (bkt - 1)), (1 << bkt) - 1
+            samples = self.samples.get(bkt) or [(0.0, lo, 0)]
+            batch = sum(x[1] for x in samples) / len(samples)
+            out[str(lo) if lo == hi else f"{lo}-{hi}"] = {
+                "batch": round(batch, 2), "step_ms": round(1e3 * (a + b * batch), 3),
+                "row_ms": round(1e3 * c, 3), "steps": len(samples)}
+        return out
+
     def set_fits(self, fits: dict[int, tuple[float, float, float]]) -> None:
         self.fits = dict(fits)
 
