@@ -40,6 +40,36 @@ def test_weights_file_is_safetensors_not_pickle(tmp_path):
     assert not raw.startswith(b"\x80")  # no pickle protocol marker
 
 
+def _truncate(path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def _rewrite(d, change):
+    """Rewrite every transform of the weights file through ``change``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / WEIGHTS_FILE))
+    save_file({k: change(v.clone()) if k.endswith(".transform") else v
+               for k, v in tensors.items()}, str(d / WEIGHTS_FILE))
+
+
+def _grow(path):
+    """A file bigger than any heads folder of its shape can need (sparse:
+    the size is checked before anything is read)."""
+    from vllm_adadecode.heads import max_weights_bytes
+
+    cfg = json.loads((path.parent / "config.json").read_text())
+    with open(path, "r+b") as f:
+        f.truncate(max_weights_bytes(cfg["hidden_size"], len(cfg["exit_layers"])) + 1)
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -48,6 +78,14 @@ def test_weights_file_is_safetensors_not_pickle(tmp_path):
         (lambda d: (d / "config.json").write_text('{"format": "other"}'), "'format' must be"),
         (lambda d: (d / WEIGHTS_FILE).write_bytes(b"garbage" * 10), "corrupt"),
         (lambda d: (d / WEIGHTS_FILE).unlink(), f"no {WEIGHTS_FILE}"),
+        (lambda d: _truncate(d / WEIGHTS_FILE), "corrupt"),
+        (lambda d: _rewrite(d, lambda t: t.fill_(float("nan"))), "NaN or Inf"),
+        (lambda d: _rewrite(d, lambda t: t.fill_(float("inf"))), "NaN or Inf"),
+        (lambda d: _rewrite(d, lambda t: t.to(torch.int32)), "dtype torch.int32"),
+        (lambda d: _rewrite(d, lambda t: t.to(torch.float64)), "dtype torch.float64"),
+        (lambda d: _rewrite(d, lambda t: t[:, :-1].contiguous()), "has shape"),
+        (lambda d: _grow(d / WEIGHTS_FILE), "more than the"),
+        (lambda d: _edit_config(d, hidden_size="8"), "'hidden_size' must be a positive integer"),
     ],
 )
 def test_damaged_folder_is_refused(tmp_path, damage, message):

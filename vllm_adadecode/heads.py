@@ -80,6 +80,19 @@ def base_model_fingerprint(model_dir: str | os.PathLike) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+# Dtypes an exit head's transform may be stored in.
+HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Headroom over the tensors' own size in a weights file (header, shortlist).
+_WEIGHTS_SLACK_BYTES = 16 << 20
+
+
+def max_weights_bytes(hidden_size: int, num_heads: int) -> int:
+    """The largest weights file a heads folder may have: its transforms in
+    fp32 (d x d each), plus room for the header and a shortlist. A bigger file
+    is not a heads folder of this shape, and is never read."""
+    return max(1, num_heads) * hidden_size * hidden_size * 4 + _WEIGHTS_SLACK_BYTES
+
+
 class ExitHeads:
     """The T_i matrices of one base model, keyed by 0-based exit layer."""
 
@@ -176,18 +189,41 @@ class ExitHeads:
         for key in ("hidden_size", "exit_layers", "threshold", "base_model_fingerprint"):
             if key not in cfg:
                 raise AdaDecodeConfigError(f"{where}: config.json lacks {key!r}")
+        hidden, layers = cfg["hidden_size"], cfg["exit_layers"]
+        if (not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1
+                or not isinstance(layers, list)
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+            raise AdaDecodeConfigError(
+                f"{where}: config.json 'hidden_size' must be a positive integer and "
+                f"'exit_layers' a list of integers, got {hidden!r} and {layers!r}")
+        weights = d / WEIGHTS_FILE
         try:
-            tensors = load_file(str(d / WEIGHTS_FILE))
+            size = weights.stat().st_size
         except FileNotFoundError:
             raise AdaDecodeConfigError(f"{where} has no {WEIGHTS_FILE}") from None
+        limit = max_weights_bytes(hidden, len(layers))
+        if size > limit:
+            raise AdaDecodeConfigError(
+                f"{where}: {WEIGHTS_FILE} is {size} bytes, more than the {limit} that "
+                f"{len(layers)} exit head(s) of hidden size {hidden} can need; refusing to load it")
+        try:
+            tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} is corrupt ({e})") from None
         transforms = {}
-        for layer in cfg["exit_layers"]:
+        for layer in layers:
             key = f"exit_heads.{layer}.transform"
             if key not in tensors:
                 raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} lacks tensor {key!r}")
-            transforms[int(layer)] = tensors[key]
+            t = tensors[key]
+            if t.dtype not in HEAD_DTYPES:
+                raise AdaDecodeConfigError(
+                    f"{where}: tensor {key!r} has dtype {t.dtype}; allowed: "
+                    f"{', '.join(str(x) for x in HEAD_DTYPES)}")
+            if not bool(torch.isfinite(t).all()):
+                raise AdaDecodeConfigError(
+                    f"{where}: tensor {key!r} holds NaN or Inf values")
+            transforms[int(layer)] = t
         shortlist = tensors.get(SHORTLIST_KEY)
         if shortlist is not None and (shortlist.dim() != 1 or shortlist.is_floating_point()):
             raise AdaDecodeConfigError(

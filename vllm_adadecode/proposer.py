@@ -112,6 +112,8 @@ class AdaDecodeProposer:
         if not self.config.deferred:
             self.deferred_forward = None
         patches.install_runner_hooks()
+        log = os.environ.get("ADADECODE_STEP_LOG")
+        self._step_log = open(log, "a") if log else None
         self.profile = os.environ.get("ADADECODE_PROFILE") == "1"
         if self.profile:
             atexit.register(self._report)
@@ -335,6 +337,8 @@ class AdaDecodeProposer:
             drafting = [d for d in exited if len(d.drafted) < d.budget]
         self._step_shape = (sum(1 for x in sampled_token_ids if x),
                             sum(len(d.drafted) for d in requests))
+        if self._step_log is not None:
+            self._log_step(sampled_token_ids, requests, joined)
         for d in requests:
             out[d.row] = d.drafted
             if d.drafted:
@@ -359,6 +363,19 @@ class AdaDecodeProposer:
                 self._states[batch.req_id(d.row)] = (first, depth, hidden, residual,
                                                      len(d.drafted))
         return out
+
+    def _log_step(self, sampled_token_ids, requests: list[_Draft], joined: bool) -> None:
+        """One JSON line per drafter call (``ADADECODE_STEP_LOG``, for
+        profiling): when, the batch, the tokens the step just emitted, whether a
+        prefill ran in it, and the draft rows proposed for the next step."""
+        import json
+
+        self._step_log.write(json.dumps({
+            "t": time.perf_counter(), "batch": sum(1 for x in sampled_token_ids if x),
+            "emitted": sum(len(x) for x in sampled_token_ids), "joined": joined,
+            "lookup": sum(d.n_lookup for d in requests),
+            "exit": sum(len(d.drafted) - d.n_lookup for d in requests)}) + "\n")
+        self._step_log.flush()
 
     def _observe_step(self, now: float, measured: bool) -> None:
         """The step since the last call, for the step-cost fit (drafts/adapt.py).
