@@ -175,3 +175,25 @@ def test_step_cost_summary_names_buckets():
     summary = _fitted_cost().summary()
     assert set(summary) == {"1", "8-15", "16-31"}
     assert summary["1"]["row_ms"] == pytest.approx(1.5, rel=0.1)
+
+
+def test_fit_needs_no_plain_steps_and_ignores_outliers():
+    cost = StepCost()
+    rng = np.random.default_rng(1)
+    for i in range(64):
+        extra = int(rng.integers(5, 40))
+        seconds = 0.045 + 0.0014 * extra + (0.4 if i % 16 == 0 else 0.0)  # a few stalls
+        cost.observe(seconds, 16, extra)
+    cost.set_fits(cost.refit())
+    assert cost.fitted(16)
+    assert cost.step(16, 1) - cost.step(16, 0) == pytest.approx(0.0014, rel=0.05)
+
+
+def test_without_a_fit_a_loaded_step_drafts_one_token_per_request():
+    ad = DraftAdaptation(k_max=5)
+    for _ in range(10):
+        ad.lookup_verified("sure", 5, 5)
+    ad.begin_step(1)
+    assert ad.lookup_length("sure") == 5
+    ad.begin_step(16)
+    assert ad.lookup_length("sure") == 1

@@ -64,7 +64,7 @@ class _Draft:
 
 
 # Drafter calls between refits of the step-cost model (shared across tensor-parallel ranks).
-_COST_SYNC_EVERY = 32
+_COST_SYNC_EVERY = 8
 
 
 class AdaDecodeProposer:

@@ -310,6 +310,7 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
             "exit_histogram": _exit_histogram([by[m.label].get("drafter") for by in runs]),
             "sources": _sources([by[m.label] for by in runs]),
             "step_ms": _step_ms([by[m.label] for by in runs]),
+            "step_cost": [(by[m.label].get("drafter") or {}).get("step_cost") for by in runs],
             "backoff": [(by[m.label].get("drafter") or {}).get("backoff") for by in runs]
             if m.kind == "adadecode" else None,
             "backoff_self_draft": [(by[m.label].get("drafter") or {}).get("backoff_self_draft")

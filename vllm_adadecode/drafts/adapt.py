@@ -64,10 +64,10 @@ class StepCost:
     Coefficients change only in ``refit``, so tensor-parallel ranks can share
     rank 0's."""
 
-    def __init__(self, window: int = 256, min_steps: int = 16, min_each: int = 4):
+    def __init__(self, window: int = 256, min_steps: int = 16, min_spread: int = 2):
         self.window = window
         self.min_steps = min_steps
-        self.min_each = min_each  # steps with and without extra rows before a fit is used
+        self.min_spread = min_spread  # drafted rows must vary by this much for a fit
         self.samples: dict[int, deque] = {}
         self.fits: dict[int, tuple[float, float, float]] = {}
 
@@ -93,8 +93,10 @@ class StepCost:
             (seconds, batch, extra))
 
     def refit(self) -> dict[int, tuple[float, float, float]]:
-        """Least-squares coefficients per bucket that has enough steps of
-        both kinds (a fit whose row cost comes out negative is not used)."""
+        """Least-squares coefficients per bucket with enough steps whose
+        drafted rows vary (a fit whose row cost comes out negative is not
+        used). Steps over three times the bucket's median are left out: a
+        step that also did other work (a preemption, a late prefill chunk)."""
         import numpy as np
 
         fits = {}
@@ -102,8 +104,8 @@ class StepCost:
             if len(samples) < self.min_steps:
                 continue
             arr = np.array(samples, dtype=np.float64)
-            with_rows = int((arr[:, 2] > 0).sum())
-            if with_rows < self.min_each or len(arr) - with_rows < self.min_each:
+            arr = arr[arr[:, 0] <= 3.0 * np.median(arr[:, 0])]
+            if len(arr) < self.min_steps or np.ptp(arr[:, 2]) < self.min_spread:
                 continue
             x = np.column_stack([np.ones(len(arr)), arr[:, 1], arr[:, 2]])
             if np.ptp(arr[:, 1]) == 0:  # one batch size: fold b into a
@@ -253,8 +255,12 @@ class DraftAdaptation:
         if self.cost.fitted(self._batch):
             k = best_lookup_length(p, self.k_max, cost=self.cost, batch=self._batch,
                                    extra=self._extra, tokens=self._tokens)
-        else:  # no fit yet for this batch size: each request as if alone (batch 1)
-            k = best_lookup_length(p, self.k_max)
+        else:
+            # No fit yet for this batch size: each request as if alone (batch
+            # 1), but at most one token beside other requests until the fit
+            # says what a row costs there (16 requests drafting 5 rows each
+            # made steps 3.5x slower at concurrency 16, all rejected).
+            k = best_lookup_length(p, self.k_max if self._batch == 1 else 1)
         if k:
             st.lookup_skipped = 0
             return k
