@@ -99,7 +99,7 @@ def _start_engine(job: dict[str, Any], max_num_seqs: int):
         disable_log_stats=False,
     )
     for key in ("max_num_batched_tokens", "enable_prefix_caching", "block_size",
-                "async_scheduling"):
+                "async_scheduling", "distributed_executor_backend"):
         if job.get(key) is not None:
             kwargs[key] = job[key]
     if job.get("speculative_config"):
