@@ -90,7 +90,12 @@ def test_tensor_parallel_2_on_ray_gives_the_same_tokens(engine, tiny_llama, ray_
     for key, value in _ray_env(ray_cluster).items():
         monkeypatch.setenv(key, value)
     ray2 = _tiny(engine, tiny_llama, speculative_config=BACKOFF, tensor_parallel_size=2,
-                 distributed_executor_backend="ray")
+                 distributed_executor_backend="ray", worker_info=True)
+    workers = ray2["workers"]
+    # Ray's workers, each bound to its rank's CPU as VLLM_CPU_OMP_THREADS_BIND=0|1 says.
+    assert [w["class"] for w in workers] == ["RayCPUWorker", "RayCPUWorker"]
+    assert [w["affinity"] for w in workers] == [[0], [1]]
+    assert [w["omp_num_threads"] for w in workers] == ["1", "1"]
     assert ray2["token_ids"] == one["token_ids"] == mp2["token_ids"]
     spec = ray2["spec"]
     assert 0 < spec["num_accepted_tokens"] < spec["num_draft_tokens"]  # kept and rejected

@@ -33,7 +33,9 @@ engine was configured for AdaDecode. The first three are installed by
   (vLLM 0.32 sends every step of a speculative engine through the rejection
   sampler). Any other batch takes vLLM's own path.
 * ``WorkerBase.adadecode_stats`` (added, every process): the drafter's counters,
-  read with ``LLM.collective_rpc("adadecode_stats")`` (None on other engines).
+  read with ``LLM.collective_rpc("adadecode_stats")`` (None on other engines);
+  likewise ``adadecode_step_times``, ``adadecode_reset_lookup_cache`` and
+  ``adadecode_worker_info`` (class, CPU affinity, OpenMP threads).
 
 The adapters below (RunnerBatch, decoder_layers, embed, final_norm,
 compute_logits) are the only places the drafter reaches into vLLM objects.
@@ -52,6 +54,7 @@ PROPOSER_PATH = "vllm_adadecode.proposer.AdaDecodeProposer"
 STATS_RPC = "adadecode_stats"
 STEP_TIMES_RPC = "adadecode_step_times"
 RESET_RPC = "adadecode_reset_lookup_cache"
+WORKER_INFO_RPC = "adadecode_worker_info"
 
 logger = logging.getLogger("vllm_adadecode")
 
@@ -202,6 +205,19 @@ def install_engine_hooks() -> None:
             return step_times(runner, reset=reset) if runner is not None else None
 
         setattr(WorkerBase, STEP_TIMES_RPC, adadecode_step_times)
+
+    if not hasattr(WorkerBase, WORKER_INFO_RPC):
+
+        def adadecode_worker_info(self):
+            """What this worker is: its class, process, CPU affinity and
+            OpenMP thread count (tests check Ray workers with it)."""
+            import os
+
+            return {"class": type(self).__name__, "pid": os.getpid(),
+                    "affinity": sorted(os.sched_getaffinity(0)),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+        setattr(WorkerBase, WORKER_INFO_RPC, adadecode_worker_info)
 
 
 # ---------------------------------------------------------------------------

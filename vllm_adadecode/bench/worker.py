@@ -182,6 +182,9 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                              use_tqdm=False)
         second = {"token_ids": [list(o.outputs[0].token_ids) for o in outs2],
                   "prefix_cache_hit_tokens": sum(o.num_cached_tokens or 0 for o in outs2)}
+    from ..patches import WORKER_INFO_RPC
+
+    workers = llm.collective_rpc(WORKER_INFO_RPC) if job.get("worker_info") else None
     token_ids = [list(o.outputs[0].token_ids) for o in outs]
     n_out = sum(len(t) for t in token_ids)
     result = {
@@ -196,6 +199,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         "spec": counters,
         "drafter": drafter,
         "second_round": second,
+        "workers": workers,
         **acceptance_stats(counters, token_ids),
     }
     del llm
