@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -87,8 +88,52 @@ def test_vllm_serve_answers_through_openai_client(form, heads_dir, tmp_path):
         assert stats["vllm:spec_decode_num_accepted_tokens_total"] > 0
         log = (tmp_path / "serve.log").read_text()
         assert "AdaDecode enabled" in log or "custom_class" in log
+        if form == "speculative-config":
+            _bad_requests_are_refused_and_serving_goes_on(base)
     finally:
         _stop(proc)
+
+
+def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _bad_requests_are_refused_and_serving_goes_on(base: str) -> None:
+    """An out-of-vocabulary token id, an empty prompt and a prompt longer than
+    max_model_len (2048) each get vLLM's 400; the server keeps answering."""
+    model = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=30).read())
+    name = model["data"][0]["id"]
+    cases = {
+        "out-of-vocabulary token id": {"prompt": [1, 2, 10**7]},
+        "empty prompt": {"prompt": ""},
+        "prompt over max_model_len": {"prompt": [42] * 2100},
+    }
+    for case, body in cases.items():
+        status, reply = _post(base, "/v1/completions", {"model": name, "max_tokens": 8, **body})
+        assert status == 400, (case, status, reply)
+        assert reply.get("error", {}).get("message"), (case, reply)
+    status, reply = _post(base, "/v1/completions",
+                          {"model": name, "prompt": "def add(a, b):", "max_tokens": 16,
+                           "temperature": 0.0})
+    assert status == 200 and reply["usage"]["completion_tokens"] > 0, reply
+
+
+def test_malformed_speculative_config_json_is_refused_at_start(tmp_path):
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "vllm"), "serve", "unused-model",
+         "--speculative-config", '{"method": "adadecode", "threshold": '],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode != 0
+    err = res.stderr + res.stdout
+    assert "speculative-config" in err or "speculative_config" in err, err[-3000:]
+    assert "Traceback" not in err or "JSON" in err or "json" in err, err[-3000:]
 
 
 def test_offline_example(tmp_path):
