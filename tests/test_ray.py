@@ -6,12 +6,10 @@ end and no Ray process may be left behind."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -20,20 +18,14 @@ import pytest
 from vllm_adadecode.cpu_env import runtime_env
 from vllm_adadecode.raycpu import ENV as RAY_CPU_ENV
 
+from .serving import ROOT, free_port, serve, stop
 from .test_engine import TINY_SPEC, _tiny
 
 pytestmark = pytest.mark.engine
-ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 BACKOFF = {**TINY_SPEC, "adaptive": True}
 _RAY_PROCS = ("raylet", "gcs_server", "RayWorkerProc", "ray::", "ray/dashboard", "ray/_private",
               "ray/autoscaler")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_env(address: str | None = None) -> dict:
@@ -62,7 +54,7 @@ def ray_cluster():
     """`ray start --head` on 127.0.0.1 with 2 CPUs and 2 GPU slots (the
     placement tokens RayCpuPlatform asks for); stopped after the module."""
     assert not _ray_processes(), "a Ray cluster is already running on this machine"
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     subprocess.run(
         [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
@@ -104,26 +96,9 @@ def test_tensor_parallel_2_on_ray_gives_the_same_tokens(engine, tiny_llama, ray_
 
 
 def _serve(tiny_llama, address, log_path):
-    port = _free_port()
-    env = dict(_ray_env(address), PORT=str(port), MODEL=tiny_llama)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "examples/serve.sh"), "--enforce-eager",
-         "--speculative-config", json.dumps(TINY_SPEC), "--tensor-parallel-size", "2",
-         "--distributed-executor-backend", "ray", "--max-num-seqs", "4"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 480
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited early:\n{Path(log_path).read_text()[-4000:]}")
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
-                return proc, base
-        except OSError:
-            time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"vllm serve did not become healthy:\n{Path(log_path).read_text()[-4000:]}")
+    return serve(["--speculative-config", json.dumps(TINY_SPEC), "--tensor-parallel-size", "2",
+                  "--distributed-executor-backend", "ray", "--max-num-seqs", "4"],
+                 log_path, env=dict(_ray_env(address), MODEL=tiny_llama), timeout=480)
 
 
 def test_served_over_ray_answers_then_fails_clearly_when_a_worker_dies(
@@ -153,7 +128,6 @@ def test_served_over_ray_answers_then_fails_clearly_when_a_worker_dies(
         outcome: dict = {}
 
         def stream():
-            t0 = time.time()
             try:
                 chunks = client.completions.create(
                     model=model, prompt="Once upon a time", max_tokens=1500, temperature=0.0,
@@ -186,9 +160,4 @@ def test_served_over_ray_answers_then_fails_clearly_when_a_worker_dies(
         assert "EngineDeadError" in log or "Engine core" in log or "died" in log.lower(), \
             log[-4000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)

@@ -2,28 +2,19 @@
 client, and the offline example: the scripts in examples/ are what runs here."""
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from .serving import ROOT, serve, stop
+
 pytestmark = pytest.mark.engine
-ROOT = Path(__file__).resolve().parents[1]
 # Exit at the last layer: every draft is right, so the accepted counter must move.
 LAST_LAYER = {"method": "adadecode", "exit_layers": [29], "threshold": 0.05}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,42 +28,11 @@ def heads_dir(smollm2, tmp_path_factory) -> str:
     return str(out)
 
 
-def _serve(args, log_path):
-    port = _free_port()
-    env = dict(os.environ, PORT=str(port))
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "examples/serve.sh"), "--enforce-eager", *args],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited early:\n{Path(log_path).read_text()[-3000:]}")
-        try:
-            if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
-                return proc, base
-        except OSError:
-            time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("vllm serve did not become healthy in time")
-
-
-def _stop(proc):
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.parametrize("form", ["speculative-config", "spec-model"])
 def test_vllm_serve_answers_through_openai_client(form, heads_dir, tmp_path):
     args = (["--speculative-config", json.dumps(LAST_LAYER)] if form == "speculative-config"
             else ["--spec-model", heads_dir])
-    proc, base = _serve(args, tmp_path / "serve.log")
+    proc, base = serve(args, tmp_path / "serve.log")
     try:
         res = subprocess.run(
             [sys.executable, str(ROOT / "examples/client.py"), "--base-url", base + "/v1"],
@@ -91,7 +51,7 @@ def test_vllm_serve_answers_through_openai_client(form, heads_dir, tmp_path):
         if form == "speculative-config":
             _bad_requests_are_refused_and_serving_goes_on(base)
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _post(base: str, path: str, body: dict) -> tuple[int, dict]:

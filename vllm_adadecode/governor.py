@@ -43,6 +43,17 @@ import statistics
 from collections import Counter, deque
 
 
+def bucket(batch_size: int) -> int:
+    """Batch-size bucket: 1 -> 1, 2-3 -> 2, 4-7 -> 3, 8-15 -> 4, 16-31 -> 5, ..."""
+    return max(1, batch_size).bit_length()
+
+
+def bucket_name(b: int) -> str:
+    """The batch sizes of bucket ``b``: "1", "2-3", "4-7", ..."""
+    lo, hi = (1 << (b - 1)), (1 << b) - 1
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 class Governor:
     def __init__(self, explore_every: int = 16, window: int = 32, max_gap_s: float = 5.0,
                  max_explore_every: int = 64, settled_margin: float = 0.1,
@@ -72,10 +83,7 @@ class Governor:
         # Last observation: batch size, choice, tokens, seconds.
         self._prev: tuple[int, bool, int, float] | None = None
 
-    @staticmethod
-    def bucket(batch_size: int) -> int:
-        """1 -> 1, 2-3 -> 2, 4-7 -> 3, 8-15 -> 4, 16-31 -> 5, ..."""
-        return max(1, batch_size).bit_length()
+    bucket = staticmethod(bucket)
 
     def rate(self, bucket: int, drafted: bool) -> float | None:
         r = self.rates.get((bucket, drafted))
@@ -182,9 +190,7 @@ class Governor:
         rates, and the paired drafting/not-drafting ratio that decides."""
         out = {}
         for b in sorted(self.steps):
-            lo, hi = (1 << (b - 1)), (1 << b) - 1
-            name = str(lo) if lo == hi else f"{lo}-{hi}"
-            out[name] = {
+            out[bucket_name(b)] = {
                 "draft_steps": self.decisions[(b, True)],
                 "skip_steps": self.decisions[(b, False)],
                 "tokens_per_s_drafting": self.rate(b, True),

@@ -284,32 +284,32 @@ class AdaDecodeProposer:
         joined = self._track(batch)
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         go_self = self.config.self_draft
+        n_active = sum(1 for s in sampled_token_ids if s)
         if self.governor is not None:
-            active = [s for s in sampled_token_ids if s]
-            if not active:
+            if not n_active:
                 self._step_start = None
                 self.governor.idle()
                 if self.self_governor is not None:
                     self.self_governor.idle()
                 return out
-            now, emitted = time.perf_counter(), sum(map(len, active))
+            now, emitted = time.perf_counter(), sum(map(len, sampled_token_ids))
             # A step that ran a prefill (a request joined, or one is still
             # prefilling) is not a measure of drafting: at batch 1 a long
             # prompt's prefill would count as one slow step.
-            measured = not joined and len(active) == batch.num_reqs
+            measured = not joined and n_active == batch.num_reqs
             self._observe_step(now, measured)
-            self._step_shape = (len(active), 0)  # until drafts are proposed
-            go = self.governor.decide(now, emitted, len(active), measured)
+            self._step_shape = (n_active, 0)  # until drafts are proposed
+            go = self.governor.decide(now, emitted, n_active, measured)
             if not patches.tp_agree(go):
                 if self.self_governor is not None:
                     self.self_governor.idle()
                 return out
             if self.self_governor is not None:
-                go_self = patches.tp_agree(self.self_governor.decide(now, emitted, len(active),
+                go_self = patches.tp_agree(self.self_governor.decide(now, emitted, n_active,
                                                                      measured))
         requests: list[_Draft] = []
         drafting: list[_Draft] = []
-        self.adapt.begin_step(sum(1 for s in sampled_token_ids if s))
+        self.adapt.begin_step(n_active)
         for row, sampled in enumerate(sampled_token_ids):
             # Sampled requests get no drafts: they are sampled exactly as without speculation.
             if not sampled or not batch.is_greedy(row):
@@ -335,10 +335,9 @@ class AdaDecodeProposer:
         while drafting:
             exited = self._draft_step(batch, drafting)
             drafting = [d for d in exited if len(d.drafted) < d.budget]
-        self._step_shape = (sum(1 for x in sampled_token_ids if x),
-                            sum(len(d.drafted) for d in requests))
+        self._step_shape = (n_active, sum(len(d.drafted) for d in requests))
         if self._step_log is not None:
-            self._log_step(sampled_token_ids, requests, joined)
+            self._log_step(n_active, sampled_token_ids, requests, joined)
         for d in requests:
             out[d.row] = d.drafted
             if d.drafted:
@@ -364,14 +363,15 @@ class AdaDecodeProposer:
                                                      len(d.drafted))
         return out
 
-    def _log_step(self, sampled_token_ids, requests: list[_Draft], joined: bool) -> None:
+    def _log_step(self, n_active: int, sampled_token_ids, requests: list[_Draft],
+                  joined: bool) -> None:
         """One JSON line per drafter call (``ADADECODE_STEP_LOG``, for
         profiling): when, the batch, the tokens the step just emitted, whether a
         prefill ran in it, and the draft rows proposed for the next step."""
         import json
 
         self._step_log.write(json.dumps({
-            "t": time.perf_counter(), "batch": sum(1 for x in sampled_token_ids if x),
+            "t": time.perf_counter(), "batch": n_active,
             "emitted": sum(len(x) for x in sampled_token_ids), "joined": joined,
             "lookup": sum(d.n_lookup for d in requests),
             "exit": sum(len(d.drafted) - d.n_lookup for d in requests)}) + "\n")

@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..governor import bucket, bucket_name
+
 # Relative cost of one forward over n new tokens (index n), batch 1; measured
 # 1.10 (2), 1.21 (4), 1.29 (6), 1.45 (8), 1.54 (16), linear in between.
 _MEASURED = {1: 1.0, 2: 1.10, 4: 1.21, 6: 1.29, 8: 1.45, 16: 1.54}
@@ -71,9 +73,7 @@ class StepCost:
         self.samples: dict[int, deque] = {}
         self.fits: dict[int, tuple[float, float, float]] = {}
 
-    @staticmethod
-    def bucket(batch: int) -> int:
-        return max(1, batch).bit_length()
+    bucket = staticmethod(bucket)
 
     def step(self, batch: int, extra: int) -> float:
         fit = self.fits.get(self.bucket(batch))
@@ -121,10 +121,9 @@ class StepCost:
         without drafts at the bucket's mean batch, and per drafted row."""
         out = {}
         for bkt, (a, b, c) in sorted(self.fits.items()):
-            lo, hi = (1 << (bkt - 1)), (1 << bkt) - 1
-            samples = self.samples.get(bkt) or [(0.0, lo, 0)]
+            samples = self.samples.get(bkt) or [(0.0, 1 << (bkt - 1), 0)]
             batch = sum(x[1] for x in samples) / len(samples)
-            out[str(lo) if lo == hi else f"{lo}-{hi}"] = {
+            out[bucket_name(bkt)] = {
                 "batch": round(batch, 2), "step_ms": round(1e3 * (a + b * batch), 3),
                 "row_ms": round(1e3 * c, 3), "steps": len(samples)}
         return out

@@ -17,7 +17,7 @@ RAY_CPU_WORKER = "vllm_adadecode.raycpu.worker.RayCPUWorker"
 # Passed to every Ray worker before it starts: the worker process must choose
 # this platform too, and must preload the same OpenMP runtime.
 _FORWARDED = (ENV, "LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
-              "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_SIM_MULTI_NUMA")
+              "VLLM_CPU_KVCACHE_SPACE")
 
 
 class RayCpuPlatform(CpuPlatform):
