@@ -118,6 +118,14 @@ def test_parity_is_measured_against_vanilla():
     assert ngram["categories"]["c2"]["identical_to_vanilla"] == 0.0
 
 
+def test_repeats_alternate_the_run_order():
+    methods = ["vanilla", "adadecode", "ngram"]
+    orders = [H.run_order(methods, r) for r in range(4)]
+    assert orders[0] == orders[2] == methods
+    assert orders[1] == orders[3] == methods[::-1]
+    assert methods == ["vanilla", "adadecode", "ngram"]  # not reordered in place
+
+
 def test_speedup_divides_by_the_faster_plain_configuration():
     from vllm_adadecode.prompts import Prompt
 

@@ -42,6 +42,9 @@ def _start(model, spec, **kw):
         ({"lookup_max_tokens": 9}, r"'lookup_max_tokens' \(9\) must be <= "
                                    r"'num_speculative_tokens' \(5\)"),
         ({"lookup_cache_tokens": 8}, r"'lookup_cache_tokens' must be an integer >= 16"),
+        ({"lookup_corpus": "yes"}, r"'lookup_corpus' must be true or false"),
+        ({"corpus_min_prob": 0}, r"'corpus_min_prob' must be a number in \(0, 1\]"),
+        ({"corpus_min_prob": "x"}, r"'corpus_min_prob' must be a number in \(0, 1\]"),
     ],
 )
 def test_bad_setting_fails_at_engine_start(tiny_llama, spec, message):
@@ -69,6 +72,23 @@ def test_corrupt_heads_folder(tiny_llama, tmp_path):
     (tmp_path / "exit_heads.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(AdaDecodeConfigError, match="corrupt"):
         _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path)})
+
+
+def test_corrupt_corpus_in_heads_folder(tiny_llama, tmp_path):
+    from vllm_adadecode.drafts.corpus import CORPUS_FILE, corpus_tokens, save_corpus
+
+    ExitHeads.identity([2], 256, base_model_fingerprint=base_model_fingerprint(tiny_llama)).save(
+        tmp_path
+    )
+    save_corpus(tmp_path, corpus_tokens([[1, 2, 10**6]]))  # an id beyond the vocabulary
+    with pytest.raises(AdaDecodeConfigError, match=r"'heads'.*corpus.safetensors.*token ids"):
+        _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path)})
+    # the check is the corpus's: turned off, the same folder is accepted
+    from vllm_adadecode.config import resolve
+
+    cfg = resolve({"method": "adadecode", "model": str(tmp_path), "lookup_corpus": False}, None,
+                  model_dir=tiny_llama, num_hidden_layers=6, hidden_size=256)
+    assert not cfg.lookup_corpus and (tmp_path / CORPUS_FILE).is_file()
 
 
 def test_heads_of_another_model_fingerprint(tiny_llama, smollm2, tmp_path):
@@ -147,7 +167,7 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
         "adaptive": True, "deferred": True, "shortlist": True,
         "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
         "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 16384,
-        "self_draft": True}
+        "lookup_corpus": True, "corpus_min_prob": 0.4, "self_draft": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
 
 

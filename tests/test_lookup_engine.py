@@ -18,7 +18,9 @@ REPEAT = [f"Repeat this text exactly, word for word:\n\n{PASSAGE}",
           f"Copy the following paragraph without changing it:\n\n{PASSAGE}"]
 SMOL_PROMPTS = REPEAT + [p.text for p in humaneval()[:4]] + [p.text for p in mixed(4)[1::2]]
 LOOKUP_ONLY = {"method": "adadecode", "self_draft": False, "adaptive": False,
-               "lookup_cache": False}
+               "lookup_cache": False, "lookup_corpus": False}
+# The shipped heads' corpus of the model's own answers, where nothing recurs.
+CORPUS = {**LOOKUP_ONLY, "lookup_corpus": True}
 # At most 2 lookup tokens of a 4-token draft, exits often confident: lookup
 # tokens, then self-drafts from where they end.
 SMOL_MIXED = {"method": "adadecode", "heads": "identity", "exit_layers": [12, 20],
@@ -46,6 +48,22 @@ def test_lookup_only_drafts_kept_and_rejected_identical_to_vanilla(engine, smoll
     assert look["spec"]["num_accepted_tokens"] == accepted["lookup"]
     assert look["tokens_per_step"] > 1.3
     assert d["draft_layer_evals"] == 0  # lookups run no layers in drafting
+
+
+def test_corpus_drafts_where_nothing_recurs_identical_to_vanilla(engine, smollm2):
+    """The shipped heads folder's corpus (the model's own answers to training
+    prompts) drafts where the request's own tokens hold no match; its drafts
+    are kept and rejected, the output is vanilla's."""
+    van = _smol(engine, smollm2)
+    res = _smol(engine, smollm2, speculative_config=CORPUS)
+    assert res["token_ids"] == van["token_ids"]
+    d = res["drafter"]
+    drafted, accepted = d["drafted_by_source"], d["accepted_by_source"]
+    assert set(drafted) == {"lookup", "corpus"}
+    assert 0 < accepted["corpus"] < drafted["corpus"]
+    assert res["spec"]["num_accepted_tokens"] == accepted["lookup"] + accepted["corpus"]
+    assert d["corpus"]["tokens"] > 100_000
+    assert d["draft_layer_evals"] == 0
 
 
 def test_lookup_then_self_drafts_in_one_step(engine, smollm2):

@@ -55,3 +55,21 @@ def test_explicit_layers_outside_the_shipped_heads_use_identity_heads(smollm2):
         cfg = EngineArgs(model=smollm2, speculative_config={"method": "adadecode", **spec}) \
             .create_engine_config()
         assert cfg.additional_config["adadecode"]["heads"] is None
+
+
+def test_shipped_corpus_is_the_models_answers_to_training_prompts_only():
+    import numpy as np
+
+    from vllm_adadecode import prompts as P
+    from vllm_adadecode.drafts.corpus import DraftCorpus, load_corpus_tokens
+    from vllm_adadecode.training.data import load_prompts
+
+    c = json.loads((SMOL_HEADS / "config.json").read_text())["corpus"]
+    prompts = load_prompts(c["data"], c["num_prompts"], c["seed"])
+    assert len(prompts) == c["num_prompts"]
+    evaluated = {p.text for p in P.humaneval("eval") + P.mtbench("eval") + P.sharegpt("eval")
+                 + P.documents("eval")}
+    assert evaluated and not evaluated & {p.text for p in prompts}
+    tokens = load_corpus_tokens(SMOL_HEADS, vocab_size=49152)
+    assert int((tokens == -1).sum()) <= c["num_prompts"]  # one separator per answer
+    assert DraftCorpus(tokens).num_tokens == c["tokens"] == int(np.sum(tokens >= 0))

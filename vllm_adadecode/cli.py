@@ -191,6 +191,14 @@ def cmd_shortlist(args) -> int:
     return 0
 
 
+def cmd_corpus(args) -> int:
+    from .training.pipeline import corpus_command
+
+    args.model = args.model or _packaged()
+    corpus_command(args)
+    return 0
+
+
 def cmd_eval_heads(args) -> int:
     from .training.pipeline import eval_command
 
@@ -273,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log", help="append engine logs here")
     s.set_defaults(func=cmd_shortlist)
 
+    c = sub.add_parser("corpus", help="add a draft corpus (the model's own responses to "
+                                      "training prompts) to a heads folder")
+    c.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
+    c.add_argument("--heads", required=True, help="heads folder for this model")
+    c.add_argument("--data", default="humaneval,mtbench,sharegpt",
+                   help="packaged sets (train split) and/or JSONL files, comma-separated")
+    c.add_argument("--num-prompts", type=int, default=1500)
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--concurrency", type=int, default=32, help="vLLM batch for generation")
+    c.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")
+    c.add_argument("--log", help="append engine logs here")
+    c.set_defaults(func=cmd_corpus)
+
     e = sub.add_parser("eval-heads", help="evaluate exit heads against the identity head")
     e.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
     e.add_argument("--heads", required=True)
@@ -332,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
-    if args.command in ("demo", "train-heads", "eval-heads", "bench", "shortlist"):
+    if args.command in ("demo", "train-heads", "eval-heads", "bench", "shortlist", "corpus"):
         from .cpu_env import reexec_with_runtime_env
 
         reexec_with_runtime_env(["-m", "vllm_adadecode.cli", *argv])

@@ -26,6 +26,7 @@ import torch
 from . import patches
 from .config import AdaDecodeConfig
 from .drafts.adapt import DraftAdaptation
+from .drafts.corpus import DraftCorpus, load_corpus_tokens
 from .drafts.lookup import ResponseCache, SequenceLookup
 from .governor import Governor
 from .heads import ExitHeads
@@ -34,7 +35,8 @@ from .policy import carried_suffix, draft_budget, exits, top1
 # Draft sources other than an exit layer (exit layers are >= 0).
 LOOKUP = -1  # the request's own earlier tokens
 CACHE = -2  # an earlier response of this engine
-SOURCE_NAMES = {LOOKUP: "lookup", CACHE: "cache"}
+CORPUS = -3  # the model's own responses to training prompts (drafts/corpus.py)
+SOURCE_NAMES = {LOOKUP: "lookup", CACHE: "cache", CORPUS: "corpus"}
 
 
 def source_name(source: int) -> str:
@@ -54,6 +56,7 @@ class _Draft:
     exit_layers: list[int] = field(default_factory=list)
     self_attempt: bool = False  # early-exit drafting ran for this request
     n_lookup: int = 0  # leading drafted tokens that came from a lookup
+    lookup_kind: str = "lookup"  # whose acceptance estimate they feed: "lookup" or "corpus"
     # Per drafted token (position order): hidden, residual (1 x d each), depth.
     hidden: list[torch.Tensor] = field(default_factory=list)
     residual: list[torch.Tensor] = field(default_factory=list)
@@ -103,6 +106,11 @@ class AdaDecodeProposer:
             self.lookup.warm_up()
             if self.config.lookup_cache:
                 self.cache = ResponseCache(self.lookup, self.config.lookup_cache_tokens)
+        self.corpus = None
+        if self.config.lookup and self.config.lookup_corpus and self.config.heads:
+            tokens = load_corpus_tokens(self.config.heads)  # checked at engine start
+            if tokens is not None:
+                self.corpus = DraftCorpus(tokens, min_prob=self.config.corpus_min_prob)
         # Requests seen in the batch, with the runner's record of each: when one
         # is gone, its response enters the cache and its drafting state is dropped.
         self._live: dict[str, object] = {}
@@ -170,6 +178,8 @@ class AdaDecodeProposer:
             "steps_by_sources": dict(self.steps_by_sources),
             "lookup_cache": ({"responses": len(self.cache), "tokens": self.cache.num_tokens,
                               "max_tokens": self.cache.max_tokens} if self.cache else None),
+            "corpus": ({"tokens": self.corpus.num_tokens, "contexts": len(self.corpus)}
+                       if self.corpus else None),
             "step_cost": self.adapt.cost.summary(),
             "backoff": self.governor.summary() if self.governor else None,
             "backoff_self_draft": (self.self_governor.summary() if self.self_governor
@@ -200,7 +210,7 @@ class AdaDecodeProposer:
                 continue
             req = batch.req_id(row)
             accepted = len(sampled) - 1
-            layers, self_attempt, n_lookup = pending.get(req, ((), False, 0))
+            layers, self_attempt, n_lookup, kind = pending.get(req, ((), False, 0, "lookup"))
             for i, layer in enumerate(layers):
                 name = source_name(layer)
                 self.drafted_by_source[name] += 1
@@ -209,7 +219,7 @@ class AdaDecodeProposer:
                 if layer >= 0:
                     (self.accepted_by_exit if i < accepted else self.rejected_by_exit)[layer] += 1
             if n_lookup:
-                self.adapt.lookup_verified(req, n_lookup, min(accepted, n_lookup))
+                self.adapt.lookup_verified(req, n_lookup, min(accepted, n_lookup), kind)
             if self_attempt and accepted >= n_lookup:
                 # The self-drafts were judged only if every lookup token before them held.
                 self.adapt.self_verified(req, accepted - n_lookup)
@@ -346,7 +356,7 @@ class AdaDecodeProposer:
                 self.steps_by_sources[key] += 1
             if d.drafted or d.self_attempt:
                 self._pending[batch.req_id(d.row)] = (d.exit_layers, d.self_attempt,
-                                                      d.n_lookup)
+                                                      d.n_lookup, d.lookup_kind)
             if d.drafted:
                 self.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
             if (self.config.deferred and (d.drafted or d.tail)
@@ -417,26 +427,36 @@ class AdaDecodeProposer:
 
     def _lookup_draft(self, batch: "patches.RunnerBatch", d: _Draft, req: str) -> None:
         """Lookup tokens first: the continuation of the request's longest
-        recurring suffix (else of an earlier response), as many as the
-        request's observed acceptance says pay. They run no layers here; a
-        self-draft that follows carries them through its layers."""
+        recurring suffix (else of an earlier response, else the corpus's most
+        frequent continuation), as many as the request's observed acceptance
+        says pay. They run no layers here; a self-draft that follows carries
+        them through its layers."""
         t0 = time.perf_counter()
+        toks: list[int] = []
+        source, kind, tokens = LOOKUP, "lookup", None
         try:
             # How many lookup tokens would pay for this request in this step,
             # decided before searching: none, and the search is skipped.
             cap = min(self.adapt.lookup_length(req), self.config.lookup_tokens, d.budget)
-            if cap <= 0:
-                return
-            tokens = batch.token_ids(d.row)
-            # The request's own tokens, then the cache of earlier responses.
-            # Both share one acceptance estimate per request: judging long,
-            # short and cache matches apart drafted less and measured slower
-            # (docs/PERFORMANCE.md section 9).
-            found, source = self.lookup.propose(tokens, cap), LOOKUP
-            if not found.shape[0] and self.cache is not None:
-                found, source = self.cache.propose(tokens, cap), CACHE
-            toks = found.tolist()
-            self.adapt.commit(req, len(toks))
+            if cap > 0:
+                tokens = batch.token_ids(d.row)
+                # The request's own tokens, then the cache of earlier responses.
+                # Both share one acceptance estimate per request: judging long,
+                # short and cache matches apart drafted less and measured slower
+                # (docs/PERFORMANCE.md section 9).
+                found = self.lookup.propose(tokens, cap)
+                if not found.shape[0] and self.cache is not None:
+                    found, source = self.cache.propose(tokens, cap), CACHE
+                toks = found.tolist()
+            if not toks and self.corpus is not None:
+                # Nothing recurs: the model's own usual continuation. Judged
+                # apart: right several times less often than a repeat.
+                cap = min(self.adapt.lookup_length(req, "corpus"), self.config.lookup_tokens,
+                          d.budget)
+                if cap > 0:
+                    tokens = batch.token_ids(d.row) if tokens is None else tokens
+                    toks, source, kind = self.corpus.propose(tokens, cap), CORPUS, "corpus"
+            self.adapt.commit(req, len(toks), kind)
         finally:
             self.lookup_seconds += time.perf_counter() - t0
         if not toks:
@@ -450,6 +470,7 @@ class AdaDecodeProposer:
         d.drafted = list(toks)
         d.exit_layers = [source] * m
         d.n_lookup = m
+        d.lookup_kind = kind
         d.token = toks[-1]
         d.position += m
 

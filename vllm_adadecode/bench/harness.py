@@ -2,9 +2,11 @@
 
 Every method runs on the same model, prompts and settings, one engine at a
 time (each in its own child process), and the whole list of methods is run
-``repeats`` times in the same order, so each method's ratio to vanilla is
-measured against the vanilla run next to it and drift between repeats shows
-as a spread. One engine per method serves every dataset and concurrency of
+``repeats`` times, forward in odd repeats and backward in even ones (A B C,
+C B A, ...), so each method's ratio to vanilla is measured against the vanilla
+run of the same repeat, a drift that runs through a repeat does not always
+favour the same place in the order, and drift between repeats shows as a
+spread. One engine per method serves every dataset and concurrency of
 the sweep (its prefix cache is reset between runs).
 
 The JSON written by ``--out`` is documented in docs/BENCHMARKS.md.
@@ -153,7 +155,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
     bar = tqdm(total=repeats * len(methods), desc="bench", unit="engine", disable=not progress)
     for r in range(repeats):
         raw.append({})
-        for m in methods:
+        for m in run_order(methods, r):
             bar.set_postfix_str(f"repeat {r + 1}/{repeats}: {m.label}")
             job = dict(
                 model=model, dtype=dtype, seed=seed, max_tokens=max_tokens,
@@ -185,6 +187,13 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         doc["results"].extend(summarise(d, c, datasets[d], methods, runs, peaks,
                                         num_layers=num_layers))
     return doc
+
+
+def run_order(methods: list, repeat: int) -> list:
+    """The engines of repeat ``repeat`` (0-based) in the order they run:
+    forward, then backward, alternately, so that with an even number of
+    repeats every method has sat on both sides of every other."""
+    return list(methods) if repeat % 2 == 0 else list(methods)[::-1]
 
 
 def default_max_model_len(datasets: dict[str, list]) -> int:
@@ -321,7 +330,7 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
 
 
 def _sources(runs: list[dict]) -> dict | None:
-    """Per draft source (lookup, cache, exit): drafted and accepted tokens, and
+    """Per draft source (lookup, cache, corpus, exit): drafted and accepted tokens, and
     the accepted tokens it adds per verification step (the target's own token
     adds 1.0 to every step)."""
     drafters = [r.get("drafter") for r in runs]

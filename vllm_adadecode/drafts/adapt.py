@@ -194,7 +194,8 @@ class RequestDrafting:
 
     # Lookup acceptance per kind of match (e.g. "lookup", "lookup-long", "cache").
     lookup: dict[str, Acceptance] = field(default_factory=dict)
-    lookup_skipped: int = 0  # steps without lookup drafts allowed, since the last probe
+    # Per kind: steps without lookup drafts allowed, since the last probe.
+    lookup_skipped: dict[str, int] = field(default_factory=dict)
     self_failures: int = 0  # self-draft attempts in a row with no accepted token
     self_skip: int = 0  # steps left before the next self-draft attempt
 
@@ -261,11 +262,11 @@ class DraftAdaptation:
             # made steps 3.5x slower at concurrency 16, all rejected).
             k = best_lookup_length(p, self.k_max if self._batch == 1 else 1)
         if k:
-            st.lookup_skipped = 0
+            st.lookup_skipped[kind] = 0
             return k
-        st.lookup_skipped += 1
-        if st.lookup_skipped >= self.probe_every:
-            st.lookup_skipped = 0
+        st.lookup_skipped[kind] = st.lookup_skipped.get(kind, 0) + 1
+        if st.lookup_skipped[kind] >= self.probe_every:
+            st.lookup_skipped[kind] = 0
             return 1
         return 0
 

@@ -189,6 +189,33 @@ def shortlist_command(args) -> dict:
     return {"size": int(heads.shortlist.numel()), "held_out_coverage": coverage}
 
 
+def corpus_command(args) -> dict:
+    """Write a draft corpus into a heads folder: the model's own greedy
+    responses to training prompts (drafts/corpus.py); the folder's heads are
+    unchanged, its config.json records how the corpus was made."""
+    from ..drafts.corpus import DraftCorpus, corpus_tokens, save_corpus
+
+    t0 = time.time()
+    heads = ExitHeads.load(args.heads)
+    heads.check_base_model(args.model, hidden_size=heads.hidden_size)
+    prompts = D.load_prompts(args.data, args.num_prompts, args.seed)
+    seqs = sequences_for(args.model, prompts, max_tokens=args.max_tokens,
+                         concurrency=args.concurrency, seed=args.seed,
+                         cache_dir=Path(args.work_dir), log_path=args.log)
+    tokens = corpus_tokens(r for _, r in seqs)
+    path = save_corpus(args.heads, tokens)
+    table = DraftCorpus(tokens)
+    info = {"command": "vllm-adadecode " + " ".join(args.argv), "data": args.data,
+            "num_prompts": len(prompts), "max_tokens": args.max_tokens, "seed": args.seed,
+            "tokens": table.num_tokens, "contexts": len(table),
+            "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()}"}
+    heads.metadata["corpus"] = info
+    heads.save(args.heads)
+    print(f"[corpus] {path}: {table.num_tokens} tokens from {len(prompts)} responses, "
+          f"{len(table)} contexts, in {info['seconds']:.0f} s")
+    return info
+
+
 def predict_speed(stats, feats, heads, dataset_of: list[str], num_layers: int, args) -> dict:
     """Per dataset: the cost model's predicted batch-1 speedup for the heads'
     own exit layers and threshold, and for the best subset of them (``stats``:
