@@ -43,6 +43,7 @@ def _start(model, spec, **kw):
                                    r"'num_speculative_tokens' \(5\)"),
         ({"lookup_cache_tokens": 8}, r"'lookup_cache_tokens' must be an integer >= 16"),
         ({"lookup_corpus": "yes"}, r"'lookup_corpus' must be true or false"),
+        ({"disable_by_batch_size": 0}, r"'disable_by_batch_size' must be an integer >= 1"),
         ({"corpus_min_prob": 0}, r"'corpus_min_prob' must be a number in \(0, 1\]"),
         ({"corpus_min_prob": "x"}, r"'corpus_min_prob' must be a number in \(0, 1\]"),
     ],
@@ -167,7 +168,8 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
         "adaptive": True, "deferred": True, "shortlist": True,
         "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
         "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 16384,
-        "lookup_corpus": True, "corpus_min_prob": 0.4, "self_draft": True}
+        "lookup_corpus": True, "corpus_min_prob": 0.4, "self_draft": True,
+        "disable_by_batch_size": 16}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
 
 

@@ -27,7 +27,7 @@ DEFAULT_NUM_SPECULATIVE_TOKENS = 5
 ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred", "shortlist",
                   "lookup", "lookup_min_match", "lookup_max_match", "lookup_max_tokens",
                   "lookup_cache", "lookup_cache_tokens", "lookup_corpus", "corpus_min_prob",
-                  "self_draft")
+                  "self_draft", "disable_by_batch_size")
 # Lookup defaults: match 2-5 tokens (vLLM's ngram bench settings), a cache of
 # earlier responses of up to 16,384 tokens (64 KiB; one scan of it per
 # request-step that finds no match in its own tokens).
@@ -37,6 +37,9 @@ DEFAULT_LOOKUP_CACHE_TOKENS = 16384
 # Corpus drafts continue while the product of their frequencies stays >= this
 # (offline on the eval split: 0.4 gave the most tokens per unit of step cost).
 DEFAULT_CORPUS_MIN_PROB = 0.4
+# No drafting while a step holds this many requests or more: at 16 no bench
+# run on the 2-core CPU measured a whole-run gain (docs/PERFORMANCE.md 11).
+DEFAULT_DISABLE_BY_BATCH_SIZE = 16
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
 VLLM_KEYS = ("method", "num_speculative_tokens", "model")
 ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
@@ -94,6 +97,9 @@ class AdaDecodeConfig:
     (after their contexts, in the corpus) stays at or above this."""
     self_draft: bool = True
     """Early-exit self-drafts (from where a lookup draft ends, or alone)."""
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
+    """No drafts in a step whose batch holds this many requests or more (None:
+    no limit; below it the back-off decides)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -120,6 +126,8 @@ class AdaDecodeConfig:
             lookup_corpus=bool(d.get("lookup_corpus", True)),
             corpus_min_prob=float(d.get("corpus_min_prob", DEFAULT_CORPUS_MIN_PROB)),
             self_draft=bool(d.get("self_draft", True)),
+            disable_by_batch_size=(None if d.get("disable_by_batch_size") is None
+                                   else int(d["disable_by_batch_size"])),
         )
 
     @property
@@ -317,9 +325,10 @@ def resolve(
     for key, default, low in (("lookup_min_match", DEFAULT_LOOKUP_MIN_MATCH, 1),
                               ("lookup_max_match", DEFAULT_LOOKUP_MAX_MATCH, 1),
                               ("lookup_max_tokens", None, 1),
-                              ("lookup_cache_tokens", DEFAULT_LOOKUP_CACHE_TOKENS, 16)):
+                              ("lookup_cache_tokens", DEFAULT_LOOKUP_CACHE_TOKENS, 16),
+                              ("disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE, 1)):
         value = merged.pop(key, default)
-        if value is None and default is None:
+        if value is None and key in ("lookup_max_tokens", "disable_by_batch_size"):
             ints[key] = None
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -295,6 +295,9 @@ class AdaDecodeProposer:
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         go_self = self.config.self_draft
         n_active = sum(1 for s in sampled_token_ids if s)
+        cap = self.config.disable_by_batch_size
+        if self.governor is None and cap is not None and n_active >= cap:
+            return out
         if self.governor is not None:
             if not n_active:
                 self._step_start = None
@@ -309,6 +312,13 @@ class AdaDecodeProposer:
             measured = not joined and n_active == batch.num_reqs
             self._observe_step(now, measured)
             self._step_shape = (n_active, 0)  # until drafts are proposed
+            if cap is not None and n_active >= cap:
+                # Too many requests to draft for (disable_by_batch_size): a
+                # plain step, outside the back-off's pairs.
+                self.governor.idle()
+                if self.self_governor is not None:
+                    self.self_governor.idle()
+                return out
             go = self.governor.decide(now, emitted, n_active, measured)
             if not patches.tp_agree(go):
                 if self.self_governor is not None:
