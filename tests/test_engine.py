@@ -43,8 +43,11 @@ def test_tiny_llama_greedy_parity_with_drafts_kept_and_rejected(engine, tiny_lla
 
 
 def test_tiny_llama_mixed_greedy_and_sampled_batch(engine, tiny_llama):
+    """With ``sampled_drafts: false`` (vLLM's own sampler for sampled requests;
+    position-keyed sampling has tests of its own in test_sampling.py)."""
     van = _tiny(engine, tiny_llama, sampling=MIXED_SAMPLING)
-    ada = _tiny(engine, tiny_llama, sampling=MIXED_SAMPLING, speculative_config=TINY_SPEC)
+    ada = _tiny(engine, tiny_llama, sampling=MIXED_SAMPLING,
+                speculative_config={**TINY_SPEC, "sampled_drafts": False})
     greedy = [i for i, s in enumerate(MIXED_SAMPLING) if s["temperature"] == 0]
     sampled = [i for i in range(8) if i not in greedy]
     for i in greedy:
@@ -58,14 +61,16 @@ def test_tiny_llama_mixed_greedy_and_sampled_batch(engine, tiny_llama):
 
 
 # Greedy requests whose greedy token vLLM's sampler may move: allowed tokens,
-# repetition penalty, logprobs, min-tokens. While any is in the batch, drafts
+# repetition penalty, logprobs, min-tokens, logit bias (which vLLM refuses
+# with its own speculative methods). While any is in the batch, drafts
 # are verified on vLLM's own processed logits; otherwise on the raw argmax.
 PROCESSED_GREEDY = [
     {"temperature": 0.0, "allowed_token_ids": [1000, 1001, 1002]},
     {"temperature": 0.0, "repetition_penalty": 1.3},
     {"temperature": 0.0, "logprobs": 3},
     {"temperature": 0.0, "min_tokens": 40},
-] + [{"temperature": 0.0}] * 4
+    {"temperature": 0.0, "logit_bias": {"1000": 8.0}},
+] + [{"temperature": 0.0}] * 3
 
 
 def test_greedy_rows_with_logits_processing_identical_to_vanilla(engine, tiny_llama):
@@ -73,6 +78,7 @@ def test_greedy_rows_with_logits_processing_identical_to_vanilla(engine, tiny_ll
     ada = _tiny(engine, tiny_llama, sampling=PROCESSED_GREEDY, speculative_config=DEFERRED)
     assert ada["token_ids"] == van["token_ids"]
     assert set(van["token_ids"][0]) <= {1000, 1001, 1002}  # the mask took effect
+    assert van["token_ids"][4].count(1000) > 0  # and the bias
     spec = ada["spec"]
     assert 0 < spec["num_accepted_tokens"] < spec["num_draft_tokens"]
 

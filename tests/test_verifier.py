@@ -47,3 +47,17 @@ def test_matches_greedy_decoding_on_random_cases():
             k += d
             row = [t for t in out[i].tolist() if t != P]
             assert row == expect
+
+
+def test_match_draws_keeps_drafts_while_they_equal_the_draws():
+    from vllm_adadecode.verifier import match_draws
+
+    drawn = torch.tensor([[5, 6, 7, 8],    # all 3 drafts hold: 3 + the next draw
+                          [5, 9, 7, 8],    # second draft differs: emit 5, 9
+                          [4, 6, 7, 8],    # first differs: emit the draw only
+                          [5, 6, 7, 8],    # no drafts: the draw at depth 0
+                          [5, 6, 7, 8]])   # judged only 1 of 3 (min-tokens): 5, 6
+    drafts = [[5, 6, 7], [5, 6, 7], [5, 6, 7], [], [5, 6, 7]]
+    out = match_draws(drafts, [3, 3, 3, 0, 1], drawn)
+    assert out.tolist() == [[5, 6, 7, 8], [5, 9, -1, -1], [4, -1, -1, -1],
+                            [5, -1, -1, -1], [5, 6, -1, -1]]

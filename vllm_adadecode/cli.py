@@ -136,6 +136,8 @@ def cmd_bench(args) -> int:
         datasets = H.load_datasets(names, args.prompts, args.num_prompts)
         if args.repeats < 1:
             raise H.BenchError("--repeats must be >= 1")
+        if args.temperature < 0:
+            raise H.BenchError("--temperature must be >= 0")
     except H.BenchError as e:
         print(f"vllm-adadecode bench: error: {e}", file=sys.stderr)
         return 2
@@ -147,7 +149,7 @@ def cmd_bench(args) -> int:
           f"seed {args.seed}, repeats {args.repeats}; engine logs: {args.log}", flush=True)
     doc = H.run(model=model, methods=methods, datasets=datasets, concurrency=concurrency,
                 max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed,
-                max_model_len=args.max_model_len,
+                max_model_len=args.max_model_len, temperature=args.temperature,
                 repeats=args.repeats, enforce_eager=args.enforce_eager, log_path=args.log)
     doc["settings"]["command"] = "vllm-adadecode bench " + " ".join(
         a if " " not in a and "{" not in a else repr(a) for a in args.argv[1:])
@@ -331,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-model-len", type=int,
                    help="engine max_model_len (default 2048; 4096 with --dataset documents)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (0: greedy); prompt i is seeded "
+                        "with seed + i for every method")
     b.add_argument("--repeats", type=int, default=2,
                    help="run the whole method list this many times (drift shows as a range)")
     b.add_argument("--enforce-eager", action="store_true")

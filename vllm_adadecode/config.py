@@ -27,7 +27,7 @@ DEFAULT_NUM_SPECULATIVE_TOKENS = 5
 ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred", "shortlist",
                   "lookup", "lookup_min_match", "lookup_max_match", "lookup_max_tokens",
                   "lookup_cache", "lookup_cache_tokens", "lookup_corpus", "corpus_min_prob",
-                  "self_draft", "disable_by_batch_size")
+                  "self_draft", "disable_by_batch_size", "sampled_drafts")
 # Lookup defaults: match 2-5 tokens (vLLM's ngram bench settings), a cache of
 # earlier responses of up to 16,384 tokens (64 KiB; one scan of it per
 # request-step that finds no match in its own tokens).
@@ -100,6 +100,12 @@ class AdaDecodeConfig:
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
     """No drafts in a step whose batch holds this many requests or more (None:
     no limit; below it the back-off decides)."""
+    sampled_drafts: bool = True
+    """Position-keyed sampling: the token at position p of a sampled request is
+    drawn with noise keyed on (seed, p), so its output does not depend on
+    speculation; sampled requests then get drafts, kept only where they equal
+    the target's draw. False: vLLM's own sampler, and no drafts for sampled
+    requests (CPU engines only; other platforms always behave as False)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -128,6 +134,7 @@ class AdaDecodeConfig:
             self_draft=bool(d.get("self_draft", True)),
             disable_by_batch_size=(None if d.get("disable_by_batch_size") is None
                                    else int(d["disable_by_batch_size"])),
+            sampled_drafts=bool(d.get("sampled_drafts", True)),
         )
 
     @property
@@ -316,7 +323,7 @@ def resolve(
     flags = {}
     for key, default in (("adaptive", True), ("deferred", True), ("shortlist", True),
                          ("lookup", True), ("lookup_cache", True), ("lookup_corpus", True),
-                         ("self_draft", True)):
+                         ("self_draft", True), ("sampled_drafts", True)):
         flags[key] = merged.pop(key, default)
         if not isinstance(flags[key], bool):
             raise AdaDecodeConfigError(

@@ -10,6 +10,10 @@ engine was configured for AdaDecode. The first three are installed by
   settings travel to every worker in ``additional_config["adadecode"]``.
 * ``VllmConfig.num_lookahead_tokens``: reserves KV slots for the drafted
   positions, because the drafter writes KV into the target's own blocks.
+* ``SamplingParams._validate_spec_decode``: AdaDecode engines take min_p and
+  logit_bias (every drafted position is verified with vLLM's whole sampler);
+  ``gpu_model_runner.build_logitsprocs`` (worker side) gives them vLLM's
+  built-in logits processors, which vLLM leaves out of speculative engines.
 * ``VllmConfig.use_v2_model_runner``: False for AdaDecode engines (the hooks
   below live on the V1 runner, which the CPU runner subclasses).
 * ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it): hands
@@ -17,21 +21,21 @@ engine was configured for AdaDecode. The first three are installed by
 * ``GPUModelRunner._model_forward``: with ``"deferred": true``, a step that
   verifies drafts runs through the drafter's ``deferred_forward`` (each draft
   starts at the layer after its drafted depth); otherwise vLLM's own forward.
-* ``vllm.v1.sample.rejection_sampler.rejection_sample`` (AdaDecode workers only):
-  verification becomes vllm_adadecode.verifier.exact_match. Sampled requests
-  never carry drafts, so they just emit vLLM's sampled bonus token.
-* ``vllm.v1.sample.rejection_sampler.apply_sampling_constraints`` (AdaDecode
-  workers only): skipped when every drafted row is greedy; vLLM 0.32 on CPU
-  corrupted greedy rows here when a batch also held sampled requests.
 * ``vllm.v1.sample.rejection_sampler.RejectionSampler.forward`` (AdaDecode
-  workers only): when every request is greedy and nothing can move a greedy
-  token (no logprobs, penalties, bad words, allowed tokens, min-tokens or logit
-  bias), the argmax of every logits row is taken in one pass and the drafts
-  verified on it, without vLLM's copies of the bonus and target rows (several
-  milliseconds per step with 40+ drafted rows here); a step without drafts is
-  sampled by vLLM's own sampler, as an engine without speculation samples
-  (vLLM 0.32 sends every step of a speculative engine through the rejection
-  sampler). Any other batch takes vLLM's own path.
+  workers only): exact-match verification replaces vLLM's rejection sampling.
+  When every request is greedy and nothing can move a greedy token (no
+  logprobs, penalties, bad words, allowed tokens, min-tokens or logit bias),
+  the argmax of every logits row is taken in one pass and the drafts verified
+  on it, without vLLM's copies of the bonus and target rows (several
+  milliseconds per step with 40+ drafted rows here). Any other batch is
+  verified depth by depth: vLLM's own sampler draws the token at each drafted
+  position exactly as a step without speculation would draw it there. A step
+  without drafts is sampled by vLLM's own sampler (vLLM 0.32 sends every step
+  of a speculative engine through the rejection sampler).
+* ``TopKTopPSampler.forward_cpu`` and ``GPUModelRunner._sample`` (AdaDecode
+  workers with ``sampled_drafts``): position-keyed sampling; every sampled row
+  is drawn by vLLM's Gumbel-max kernel with noise keyed on its request's seed
+  and its position (vllm_adadecode.sampling).
 * ``WorkerBase.adadecode_stats`` (added, every process): the drafter's counters,
   read with ``LLM.collective_rpc("adadecode_stats")`` (None on other engines);
   likewise ``adadecode_step_times``, ``adadecode_reset_lookup_cache`` and
@@ -173,6 +177,24 @@ def install_engine_hooks() -> None:
         use_v2_model_runner._adadecode = True
         VllmConfig.use_v2_model_runner = property(use_v2_model_runner, doc=prop.__doc__)
 
+    # vLLM refuses min_p and logit_bias with speculative decoding because its
+    # rejection sampler leaves them out of the drafted rows; AdaDecode verifies
+    # every drafted position with vLLM's whole sampler, so it takes them.
+    from vllm.sampling_params import SamplingParams
+
+    if not getattr(SamplingParams._validate_spec_decode, "_adadecode", False):
+        original_validate = SamplingParams._validate_spec_decode
+
+        def _validate_spec_decode(self, speculative_config):
+            if (speculative_config is not None
+                    and speculative_config.method == "custom_class"
+                    and speculative_config.model == PROPOSER_PATH):
+                return None
+            return original_validate(self, speculative_config)
+
+        _validate_spec_decode._adadecode = True
+        SamplingParams._validate_spec_decode = _validate_spec_decode
+
     from vllm.v1.worker.worker_base import WorkerBase
 
     if not hasattr(WorkerBase, STATS_RPC):
@@ -263,7 +285,28 @@ def step_times(runner, reset: bool = True) -> dict:
 # Worker hooks (installed when the drafter is built)
 # ---------------------------------------------------------------------------
 def install_runner_hooks() -> None:
+    from vllm.v1.worker import gpu_model_runner as gmr
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not getattr(gmr.build_logitsprocs, "_adadecode", False):
+        # vLLM builds only the min-tokens processor for speculative engines
+        # (its rejection sampler leaves min_p and logit_bias out); AdaDecode
+        # verifies with vLLM's whole sampler, so its engines get them all.
+        # Custom processors stay refused: drafts would not advance their state.
+        from vllm.v1.sample import logits_processor as lp
+
+        original_build = gmr.build_logitsprocs
+
+        def build_logitsprocs(vllm_config, device, is_pin_memory, is_pooling_model,
+                              custom_logitsprocs=()):
+            if is_adadecode(vllm_config) and not is_pooling_model and not custom_logitsprocs:
+                return lp.LogitsProcessors(ctor(vllm_config, device, is_pin_memory)
+                                           for ctor in lp.BUILTIN_LOGITS_PROCESSORS)
+            return original_build(vllm_config, device, is_pin_memory, is_pooling_model,
+                                  custom_logitsprocs)
+
+        build_logitsprocs._adadecode = True
+        gmr.build_logitsprocs = build_logitsprocs
 
     if getattr(GPUModelRunner.propose_draft_token_ids, "_adadecode", False):
         return
@@ -316,68 +359,213 @@ def install_runner_hooks() -> None:
 def _install_exact_match_verifier() -> None:
     import vllm.v1.sample.rejection_sampler as rs
 
-    if getattr(rs.rejection_sample, "_adadecode", False):
+    if getattr(rs.RejectionSampler.forward, "_adadecode", False):
         return
-    standard = rs.rejection_sample
-
-    def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
-                         draft_probs, target_logits, bonus_token_ids, sampling_metadata,
-                         *args, **kwargs):
-        from .verifier import exact_match
-
-        if not sampling_metadata.all_greedy and not _drafts_all_greedy(
-            cu_num_draft_tokens, sampling_metadata, rs.GREEDY_TEMPERATURE
-        ):
-            # Drafts for a sampled request (AdaDecode drafts none): vLLM's
-            # lossless standard verification.
-            return standard(draft_token_ids, num_draft_tokens, max_spec_len,
-                            cu_num_draft_tokens, draft_probs, target_logits,
-                            bonus_token_ids, sampling_metadata, *args, **kwargs)
-        return exact_match(draft_token_ids, num_draft_tokens, target_logits.argmax(dim=-1),
-                           bonus_token_ids, max_spec_len)
-
-    rejection_sample._adadecode = True
-    rs.rejection_sample = rejection_sample
-
-    constrain = rs.apply_sampling_constraints
-
-    def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
-        # Target logits only has rows for drafted positions. When every drafted
-        # request is greedy, temperature/top-k/top-p do not apply to any row
-        # (vLLM 0.32 on CPU mangled greedy rows here in mixed batches).
-        if sampling_metadata.all_greedy or _drafts_all_greedy(
-            cu_num_draft_tokens, sampling_metadata, rs.GREEDY_TEMPERATURE
-        ):
-            return logits
-        return constrain(logits, cu_num_draft_tokens, sampling_metadata)
-
-    apply_sampling_constraints._adadecode = True
-    rs.apply_sampling_constraints = apply_sampling_constraints
-
-    verify = rs.RejectionSampler.forward
     from vllm.v1.outputs import SamplerOutput
 
     from .verifier import exact_match
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
-        if not _argmax_is_the_sample(sampling_metadata):
-            return verify(self, metadata, draft_probs, logits, sampling_metadata)
+        step = getattr(self, "_adadecode_step", None)
         if metadata.max_spec_len == 0 and logits.shape[0] == len(metadata.num_draft_tokens):
             # No drafts in this step: one row per request; sample as an engine
-            # without speculation does.
-            return self.sampler(logits=logits, sampling_metadata=sampling_metadata,
-                                predict_bonus_token=True)
-        # Every row greedy and nothing that changes its argmax: the greedy
-        # token of every row in one pass, no copies of the logits.
-        greedy = logits.argmax(dim=-1)
-        out = exact_match(metadata.draft_token_ids, metadata.num_draft_tokens,
-                          greedy[metadata.target_logits_indices],
-                          greedy[metadata.bonus_logits_indices].unsqueeze(-1),
-                          metadata.max_spec_len)
-        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+            # without speculation does (vLLM 0.32 sends every step of a
+            # speculative engine through the rejection sampler).
+            with _step_keys(step, 0):
+                return self.sampler(logits=logits, sampling_metadata=sampling_metadata,
+                                    predict_bonus_token=True)
+        if _argmax_is_the_sample(sampling_metadata):
+            # Every row greedy and nothing that changes its argmax: the greedy
+            # token of every row in one pass, no copies of the logits.
+            greedy = logits.argmax(dim=-1)
+            out = exact_match(metadata.draft_token_ids, metadata.num_draft_tokens,
+                              greedy[metadata.target_logits_indices],
+                              greedy[metadata.bonus_logits_indices].unsqueeze(-1),
+                              metadata.max_spec_len)
+            return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+        return _verify_by_depth(self.sampler, metadata, logits, sampling_metadata, step)
 
     forward._adadecode = True
     rs.RejectionSampler.forward = forward
+
+
+def _step_keys(step, depth: int):
+    import contextlib
+
+    from . import sampling
+
+    return contextlib.nullcontext() if step is None else sampling.keyed(step.at_depth(depth))
+
+
+def _verify_by_depth(sampler, metadata, logits, sm, step):
+    """Exact-match verification for any batch: each depth j of the drafts is
+    sampled by vLLM's own sampler, one row per request in batch order, exactly
+    as a step without speculation would sample that position (the outputs so
+    far plus the drafts before j feed penalties and bad words; with
+    position-keyed sampling the noise is that of the position). A draft is kept
+    while it equals the token drawn at its position; the first draw that
+    differs is emitted instead, and every draw is what decoding without
+    speculation emits there. Requests whose processing keeps state that drafts
+    do not advance (min-tokens still active, a thinking budget) keep no drafts
+    this step: their token at depth 0 is exact."""
+    import dataclasses
+
+    import numpy as np
+    from vllm.v1.outputs import LogprobsTensors, SamplerOutput
+    from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+
+    from .verifier import match_draws
+
+    k = np.asarray(metadata.num_draft_tokens, dtype=np.int64)
+    B, S = len(k), int(metadata.max_spec_len)
+    starts = np.concatenate([[0], np.cumsum(k + 1)[:-1]]).astype(np.int64)
+    verifiable = k.copy()
+    for proc in sm.logitsprocs.non_argmax_invariant:
+        if isinstance(proc, MinTokensLogitsProcessor):
+            for i in proc.min_toks:
+                if i < B:
+                    verifiable[i] = 0
+    holder = getattr(sm, "thinking_budget_state_holder", None)
+    if holder is not None and holder.has_tracked_requests():
+        verifiable[:] = 0
+    drafts = metadata.draft_token_ids.cpu().tolist()
+    per_req = [drafts[c - n: c] for c, n in zip(np.cumsum(k).tolist(), k.tolist())]
+    need_outputs = bool(sm.output_token_ids)
+    tokens, lps = [], []
+    for j in range(S + 1):
+        rows = torch.from_numpy(starts + np.minimum(j, k)).to(logits.device)
+        sm_j = sm
+        if need_outputs:
+            sm_j = dataclasses.replace(sm, spec_token_ids=None, output_token_ids=[
+                list(out) + d[:j] for out, d in zip(sm.output_token_ids, per_req)])
+        if j and sm.generators:
+            # A seeded generator advances only for a position its request
+            # really samples (vLLM's own sampler without position keys).
+            sm_j = dataclasses.replace(sm_j, generators={
+                i: g for i, g in sm.generators.items() if i < B and k[i] >= j})
+        with _step_keys(step, j):
+            res = sampler(logits=logits[rows], sampling_metadata=sm_j)
+        tokens.append(res.sampled_token_ids.reshape(B).long().cpu())
+        lps.append(res.logprobs_tensors)
+    drawn = torch.stack(tokens, dim=1)  # [B, S + 1]: the draw at each depth
+    out = match_draws(per_req, verifiable.tolist(), drawn)
+    logprobs = None
+    if lps[0] is not None:
+        # Row (request i, depth j) at i * (S + 1) + j, as vLLM's parse_output reads them.
+        def stacked(field):
+            return torch.stack([getattr(t, field) for t in lps], dim=1).flatten(0, 1)
+
+        logprobs = LogprobsTensors(stacked("logprob_token_ids"), stacked("logprobs"),
+                                   stacked("selected_token_ranks"))
+    return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=logprobs)
+
+
+def install_keyed_sampling() -> None:
+    """Position-keyed noise in vLLM's CPU sampler (AdaDecode workers with
+    ``sampled_drafts``): inside ``sampling.keyed(keys)``, row i is drawn with
+    vLLM's Gumbel-max kernel seeded by ``keys[i]``, after vLLM's own top-k and
+    top-p; every step's keys come from the runner's requests (seed, position)."""
+    from vllm.v1.sample.ops import topk_topp_sampler as tts
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from . import sampling
+
+    original_cpu = getattr(tts.TopKTopPSampler.forward_cpu, "_original", None)
+    if original_cpu is None:
+        original_cpu = tts.TopKTopPSampler.forward_cpu
+
+        def forward_cpu(self, logits, generators, k, p):
+            keys = sampling.active_keys()
+            if keys is None or self.use_fp64_gumbel or keys.shape[0] != logits.shape[0]:
+                return original_cpu(self, logits, generators, k, p)
+            logits = tts.apply_top_k_top_p(logits, k, p)
+            to_return = None
+            if self.logprobs_mode == "processed_logits":
+                to_return = logits
+            elif self.logprobs_mode == "processed_logprobs":
+                to_return = logits.log_softmax(dim=-1, dtype=torch.float32)
+            return gumbel_argmax(logits, keys), to_return
+
+        forward_cpu._adadecode = True
+        forward_cpu._original = original_cpu
+        tts.TopKTopPSampler.forward_cpu = forward_cpu
+
+    if getattr(GPUModelRunner._sample, "_adadecode", False):
+        return
+    original_sample = GPUModelRunner._sample
+
+    def _sample(self, logits, spec_decode_metadata):
+        seeds = getattr(getattr(self, "drafter", None), "sampling_seeds", None)
+        if seeds is None or not self.input_batch.random_reqs:
+            # Nothing to draw (greedy rows need no noise).
+            return original_sample(self, logits, spec_decode_metadata)
+        ts = self.sampler.topk_topp_sampler
+        if getattr(ts.forward, "__func__", None) is original_cpu:
+            # The sampler bound vLLM's CPU method before the drafter existed.
+            ts.forward = ts.forward_cpu
+        step = step_keys(self, seeds, spec_decode_metadata)
+        self.rejection_sampler._adadecode_step = step
+        try:
+            with sampling.keyed(step.at_depth(0)):
+                return original_sample(self, logits, spec_decode_metadata)
+        finally:
+            self.rejection_sampler._adadecode_step = None
+
+    _sample._adadecode = True
+    GPUModelRunner._sample = _sample
+
+
+def step_keys(runner, seeds, spec_decode_metadata):
+    """Per request of this step: its seed, and the position its first logits
+    row predicts (the position after its last scheduled token, minus its drafts)."""
+    import numpy as np
+
+    from . import sampling
+
+    batch = runner.input_batch
+    n = batch.num_reqs
+    ends = runner.query_start_loc.np[1: n + 1].astype(np.int64) - 1
+    if spec_decode_metadata is not None:
+        ends = ends - np.asarray(spec_decode_metadata.num_draft_tokens, dtype=np.int64)
+    first = runner.positions[torch.from_numpy(ends)].cpu().numpy() + 1
+    req_seeds = np.empty(n, dtype=np.int64)
+    for i, req_id in enumerate(batch.req_ids[:n]):
+        state = runner.requests.get(req_id)
+        seed = state.sampling_params.seed if state is not None and state.sampling_params else None
+        req_seeds[i] = seeds.get(req_id, seed)
+    if len(seeds) > 4 * n + 64:
+        seeds.retain(set(batch.req_ids[:n]))
+    return sampling.StepKeys(req_seeds, first)
+
+
+def keyed_sampling_supported() -> bool:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    try:
+        import vllm._C  # noqa: F401  (registers vLLM's CPU kernels)
+    except ImportError:
+        return False
+    return hasattr(torch.ops._C, "fused_gumbel_argmax")
+
+
+def gumbel_argmax(logits: torch.Tensor, row_keys: torch.Tensor) -> torch.Tensor:
+    """vLLM's CPU Gumbel-max draw of each row, its noise keyed by ``row_keys``."""
+    return torch.ops._C.fused_gumbel_argmax(logits.to(torch.float32).contiguous(),
+                                            row_keys.to(torch.int64).contiguous())
+
+
+def keyed_draw(logits: torch.Tensor, row_keys: torch.Tensor, temperature: float,
+               top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """A drafter's draw: temperature, vLLM's top-k/top-p, then the keyed Gumbel-max."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    n = logits.shape[0]
+    x = logits.to(torch.float32) / max(temperature, 1e-5)
+    k = None if top_k is None else torch.full((n,), top_k, dtype=torch.int32)
+    p = None if top_p is None else torch.full((n,), top_p, dtype=torch.float32)
+    return gumbel_argmax(apply_top_k_top_p(x, k, p), row_keys)
 
 
 def _argmax_is_the_sample(sm) -> bool:
@@ -402,13 +590,6 @@ def _argmax_is_the_sample(sm) -> bool:
             continue
         return False
     return True
-
-
-def _drafts_all_greedy(cu_num_draft_tokens, sampling_metadata, greedy_temperature) -> bool:
-    cu = cu_num_draft_tokens.cpu()
-    counts = torch.diff(cu, prepend=torch.zeros(1, dtype=cu.dtype))
-    greedy = (sampling_metadata.temperature == greedy_temperature).cpu()
-    return bool(((counts == 0) | greedy).all())
 
 
 # ---------------------------------------------------------------------------
@@ -534,6 +715,18 @@ class RunnerBatch:
 
     def is_greedy(self, row: int) -> bool:
         return self.input_batch.req_ids[row] in self.input_batch.greedy_reqs
+
+    def seed(self, row: int) -> int | None:
+        state = self.runner.requests.get(self.req_id(row))
+        return state.sampling_params.seed if state is not None and state.sampling_params else None
+
+    def sampling_params(self, row: int) -> tuple[float, int | None, float | None]:
+        """Temperature, top-k and top-p of a row (None where they do not cut)."""
+        b = self.input_batch
+        k, p = int(b.top_k_cpu[row]), float(b.top_p_cpu[row])
+        vocab = b.vocab_size
+        return float(b.temperature_cpu[row]), (k if 0 < k < vocab else None), (
+            p if p < 1.0 else None)
 
     def num_tokens(self, row: int) -> int:
         return int(self.input_batch.num_tokens_no_spec[row])

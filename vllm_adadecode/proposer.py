@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import patches
+from . import patches, sampling
 from .config import AdaDecodeConfig
 from .drafts.adapt import DraftAdaptation
 from .drafts.corpus import DraftCorpus, load_corpus_tokens
@@ -64,6 +64,9 @@ class _Draft:
     # The newest token's state when no exit layer was confident (it ran up to
     # the last exit layer): (hidden, residual, depth). Verification resumes it.
     tail: tuple | None = None
+    # A sampled request (position-keyed sampling): (seed, temperature, top_k,
+    # top_p); its self-drafts are drawn with the target's noise. None: greedy.
+    sampled: tuple | None = None
 
 
 # Drafter calls between refits of the step-cost model (shared across tensor-parallel ranks).
@@ -120,6 +123,12 @@ class AdaDecodeProposer:
         if not self.config.deferred:
             self.deferred_forward = None
         patches.install_runner_hooks()
+        # Position-keyed sampling: seeds of the requests (their own, or drawn
+        # at arrival); None when sampled requests are left to vLLM's sampler.
+        self.sampling_seeds = None
+        if self.config.sampled_drafts and patches.keyed_sampling_supported():
+            self.sampling_seeds = sampling.Seeds(vllm_config.model_config.seed)
+            patches.install_keyed_sampling()
         log = os.environ.get("ADADECODE_STEP_LOG")
         self._step_log = open(log, "a") if log else None
         self.profile = os.environ.get("ADADECODE_PROFILE") == "1"
@@ -150,6 +159,9 @@ class AdaDecodeProposer:
         # Request-steps by the sources their draft mixed: "lookup", "exit",
         # "lookup+exit" (lookup tokens, then self-drafts from where they end).
         self.steps_by_sources: Counter[str] = Counter()
+        # Drafted and accepted tokens of greedy and of sampled requests.
+        self.drafted_by_sampling: Counter[str] = Counter()
+        self.accepted_by_sampling: Counter[str] = Counter()
 
     def stats(self, reset: bool = True) -> dict:
         """Counters since the last reset (JSON-friendly; layer keys are strings)."""
@@ -176,6 +188,9 @@ class AdaDecodeProposer:
             "accepted_by_source": dict(self.accepted_by_source),
             "lookup_seconds": self.lookup_seconds,
             "steps_by_sources": dict(self.steps_by_sources),
+            "drafted_by_sampling": dict(self.drafted_by_sampling),
+            "accepted_by_sampling": dict(self.accepted_by_sampling),
+            "keyed_sampling": self.sampling_seeds is not None,
             "lookup_cache": ({"responses": len(self.cache), "tokens": self.cache.num_tokens,
                               "max_tokens": self.cache.max_tokens} if self.cache else None),
             "corpus": ({"tokens": self.corpus.num_tokens, "contexts": len(self.corpus)}
@@ -210,7 +225,10 @@ class AdaDecodeProposer:
                 continue
             req = batch.req_id(row)
             accepted = len(sampled) - 1
-            layers, self_attempt, n_lookup, kind = pending.get(req, ((), False, 0, "lookup"))
+            layers, self_attempt, n_lookup, kind, how = pending.get(
+                req, ((), False, 0, "lookup", "greedy"))
+            self.drafted_by_sampling[how] += len(layers)
+            self.accepted_by_sampling[how] += min(accepted, len(layers))
             for i, layer in enumerate(layers):
                 name = source_name(layer)
                 self.drafted_by_source[name] += 1
@@ -331,8 +349,10 @@ class AdaDecodeProposer:
         drafting: list[_Draft] = []
         self.adapt.begin_step(n_active)
         for row, sampled in enumerate(sampled_token_ids):
-            # Sampled requests get no drafts: they are sampled exactly as without speculation.
-            if not sampled or not batch.is_greedy(row):
+            # Sampled requests get drafts only with position-keyed sampling
+            # (their draw at a position does not depend on speculation then).
+            greedy = batch.is_greedy(row)
+            if not sampled or not (greedy or self.sampling_seeds is not None):
                 continue
             position = batch.num_tokens(row) - 1
             budget = draft_budget(self.config.num_speculative_tokens, position, self.max_model_len)
@@ -340,6 +360,9 @@ class AdaDecodeProposer:
                 continue
             d = _Draft(row, sampled[-1], position, budget)
             req = batch.req_id(row)
+            if not greedy:
+                d.sampled = (self.sampling_seeds.get(req, batch.seed(row)),
+                             *batch.sampling_params(row))
             if self.lookup is not None:
                 self._lookup_draft(batch, d, req)
             if go_self and len(d.drafted) < d.budget and self.adapt.may_self_draft(req):
@@ -365,8 +388,9 @@ class AdaDecodeProposer:
                 key = "+".join(k for k, n in (("lookup", d.n_lookup), ("exit", n_exit)) if n)
                 self.steps_by_sources[key] += 1
             if d.drafted or d.self_attempt:
-                self._pending[batch.req_id(d.row)] = (d.exit_layers, d.self_attempt,
-                                                      d.n_lookup, d.lookup_kind)
+                self._pending[batch.req_id(d.row)] = (
+                    d.exit_layers, d.self_attempt, d.n_lookup, d.lookup_kind,
+                    "greedy" if d.sampled is None else "sampled")
             if d.drafted:
                 self.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
             if (self.config.deferred and (d.drafted or d.tail)
@@ -529,8 +553,11 @@ class AdaDecodeProposer:
             self.head_evals += len(reqs)
             depth = exit_layer
             ends = torch.tensor(q_lens).cumsum(0) - 1  # row of each newest token
-            token, prob = self._exit_top1(exit_layer, hidden[ends], residual[ends])
-            go = exits(prob, self.config.threshold).tolist()
+            token, prob, full = self._exit_top1(exit_layer, hidden[ends], residual[ends])
+            go = exits(prob, self.config.threshold)
+            if any(d.sampled for d in reqs):
+                token = self._couple(reqs, token, go, full)
+            go = go.tolist()
             token = token.tolist()
             still = []
             start = 0
@@ -652,15 +679,35 @@ class AdaDecodeProposer:
             normed = patches.final_norm(self.model, (hidden + residual) @ transform.T, None)
         if self.shortlist is None:
             self.full_head_evals += normed.shape[0]
-            return top1(patches.compute_logits(self.model, normed))
+            logits = patches.compute_logits(self.model, normed)
+            return (*top1(logits), (torch.arange(normed.shape[0]), logits))
         ids, rows, scale = self.shortlist
         best, prob = top1((normed @ rows.T) * scale)
         token = ids[best]
         maybe = exits(prob, self.config.threshold).nonzero().squeeze(1)
+        logits = None
         if maybe.numel():
             self.full_head_evals += maybe.numel()
-            token[maybe], prob[maybe] = top1(patches.compute_logits(self.model, normed[maybe]))
-        return token, prob
+            logits = patches.compute_logits(self.model, normed[maybe])
+            token[maybe], prob[maybe] = top1(logits)
+        return token, prob, (maybe, logits)
+
+    def _couple(self, reqs: list[_Draft], token: torch.Tensor, go: torch.Tensor, full):
+        """Sampled requests' exiting drafts: the exit head's distribution,
+        processed with the request's temperature, top-k and top-p, drawn with
+        the noise the target will use at that position (same seed, same
+        position), so the draft equals the target's draw wherever the two
+        distributions are close."""
+        rows, logits = full
+        token = token.clone()
+        for i, r in enumerate(rows.tolist()):
+            d = reqs[r]
+            if d.sampled is None or not bool(go[r]):
+                continue
+            seed, temperature, top_k, top_p = d.sampled
+            key = sampling.keys([seed], [d.position + 1])
+            token[r] = patches.keyed_draw(logits[i: i + 1], key, temperature, top_k, top_p)[0]
+        return token
 
 
 def merge_stats(per_worker: list[dict]) -> dict:

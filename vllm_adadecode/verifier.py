@@ -6,6 +6,11 @@ disagreement the full model's token is emitted instead and the rest is
 dropped; when every draft agrees, the full model's next (bonus) token follows.
 The output is therefore exactly what greedy decoding without speculation
 produces. Requests without drafts emit their bonus token, sampled as usual.
+
+For batches with sampled requests (or processing that moves greedy tokens),
+``match_draws`` does the same against the token drawn at each drafted position
+by vLLM's sampler (position-keyed: vllm_adadecode.sampling), so a sampled
+request emits exactly the draws decoding without speculation makes.
 """
 
 from __future__ import annotations
@@ -56,3 +61,23 @@ def exact_match(
     bonus = bonus_token_ids.reshape(B).to(torch.int32).cpu()
     out[full, lengths[full]] = bonus[full]
     return out.to(bonus_token_ids.device)
+
+
+def match_draws(
+    draft_token_ids: Sequence[Sequence[int]],  # per request, its drafts
+    verifiable: Sequence[int],  # per request, how many leading drafts may be judged
+    drawn: torch.Tensor,  # [B, S + 1]: the token drawn at each depth (S = max drafts)
+) -> torch.Tensor:
+    """Tokens to emit per request, [B, S + 1], padded with -1: the draws up to
+    and including the first one that differs from its draft (all judged drafts
+    and the draw after them when every judged draft holds)."""
+    B, S1 = drawn.shape
+    S = max(1, S1 - 1)
+    draft = torch.full((B, S), PLACEHOLDER_TOKEN_ID, dtype=torch.int64)
+    for i, d in enumerate(draft_token_ids):
+        if len(d):
+            draft[i, : len(d)] = torch.as_tensor(list(d), dtype=torch.int64)
+    lengths = torch.as_tensor(list(verifiable), dtype=torch.int64)
+    accepted = accepted_lengths(draft, drawn[:, :S].to(torch.int64), lengths)
+    keep = torch.arange(S1).unsqueeze(0) <= accepted.unsqueeze(1)
+    return torch.where(keep, drawn.to(torch.int64), PLACEHOLDER_TOKEN_ID).to(torch.int32)

@@ -137,7 +137,7 @@ def load_datasets(names: list[str], prompts_file: str | None, n: int | None) -> 
 # ---------------------------------------------------------------------------
 def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         concurrency: list[int], max_tokens: int, dtype: str, seed: int, repeats: int,
-        max_model_len: int | None = None,
+        max_model_len: int | None = None, temperature: float = 0.0,
         enforce_eager: bool = False, log_path: str | None = None,
         progress: bool = True) -> dict[str, Any]:
     """Run every method ``repeats`` times; return the results document."""
@@ -159,6 +159,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
             bar.set_postfix_str(f"repeat {r + 1}/{repeats}: {m.label}")
             job = dict(
                 model=model, dtype=dtype, seed=seed, max_tokens=max_tokens,
+                temperature=temperature,
                 max_model_len=max_model_len or default_max_model_len(datasets),
                 enforce_eager=enforce_eager, speculative_config=m.speculative_config,
                 **(m.engine_args or {}),
@@ -173,6 +174,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         "machine": machine_info(),
         "settings": dict(model=model, datasets={d: len(ps) for d, ps in datasets.items()},
                          concurrency=concurrency, max_tokens=max_tokens, dtype=dtype, seed=seed,
+                         temperature=temperature,
                          max_model_len=max_model_len or default_max_model_len(datasets),
                          repeats=repeats, enforce_eager=enforce_eager,
                          wall_s=round(time.time() - t_start, 1)),
@@ -310,6 +312,10 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
             "speedup_min": min(speedups),
             "speedup_max": max(speedups),
             "identical_to_vanilla": min(x["identical_to_vanilla"] for x in reps),
+            # Seeded sampling: the same tokens in every repeat, whatever drafting did.
+            "identical_across_repeats": min(_identical(by[m.label]["token_ids"],
+                                                       runs[0][m.label]["token_ids"])
+                                            for by in runs),
             "tokens_per_step": _mean([by[m.label]["tokens_per_step"] for by in runs]),
             "acceptance_rate": (None if m.kind == "vanilla" else
                                 _mean([by[m.label]["acceptance_rate"] for by in runs])),
@@ -469,6 +475,11 @@ def format_table(doc: dict) -> str:
                 f"{rng:>11} {r['tokens_per_step']:>8.2f} {_fmt(r['acceptance_rate'], '.2f'):>6} "
                 f"{r['identical_to_vanilla'] * 100:>8.0f}% {_fmt(layers, '.1f'):>10} "
                 f"{r['peak_rss_mb']:>8.0f}")
+        if doc["settings"].get("temperature"):
+            lines.append(f"temperature {doc['settings']['temperature']}, seed of prompt i = "
+                         f"seed + i; same tokens in every repeat: " + ", ".join(
+                             f"{r['method']} {r['identical_across_repeats'] * 100:.0f}%"
+                             for r in recs))
         for r in recs:
             h = r["exit_histogram"]
             if h and (h["accepted"] or h["rejected"]):

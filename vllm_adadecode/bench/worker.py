@@ -226,7 +226,8 @@ def _generate_inflight(llm, prompts: list[str], params, concurrency: int, tag: s
     while nxt < n or engine.has_unfinished_requests():
         while nxt < n and len(started) < concurrency:
             ext = f"{tag}-{nxt}"
-            rid = engine.add_request(ext, prompts[nxt], params)
+            rid = engine.add_request(ext, prompts[nxt],
+                                     params(nxt) if callable(params) else params)
             index[ext] = index[rid] = nxt  # outputs carry the external id
             started[nxt] = time.perf_counter()
             nxt += 1
@@ -269,8 +270,14 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
     llm = _start_engine(job, max(r["concurrency"] for r in runs))
     startup = time.perf_counter() - t0
     tok = llm.get_tokenizer()
-    params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 128),
-                            seed=job.get("seed", 0))
+    temperature = float(job.get("temperature", 0.0))
+    if temperature > 0:  # every method samples prompt i with seed + i
+        def params(i):
+            return SamplingParams(temperature=temperature, max_tokens=job.get("max_tokens", 128),
+                                  seed=job.get("seed", 0) + i)
+    else:
+        params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 128),
+                                seed=job.get("seed", 0))
     if job.get("warmup", True):
         llm.generate(_chat(tok, runs[0]["prompts"][:2]),
                      SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
