@@ -280,3 +280,24 @@ def _bins(obs: np.ndarray, ref: np.ndarray, big: np.ndarray):
         f_obs = np.append(f_obs[:-2], f_obs[-2:].sum())
         f_exp = np.append(f_exp[:-2], f_exp[-2:].sum())
     return f_obs, f_exp * f_obs.sum() / f_exp.sum()
+
+
+@pytest.mark.engine
+def test_seeded_requests_prefilled_in_chunks(engine, tiny_llama):
+    """vLLM 0.32 on CPU kills the engine when a seeded request's prompt is
+    prefilled in chunks (it rolls the request's generator back with
+    set_offset, which CPU generators lack). With position-keyed sampling the
+    engine serves them, and the tokens equal those of an unchunked prefill."""
+    from vllm_adadecode.prompts import humaneval
+
+    long_text = "\n\n".join(p.text for p in humaneval()[:12])
+    prompts = [long_text[i * 50:] for i in range(4)]
+    sampling = [{"temperature": 0.8, "seed": 40 + i} for i in range(4)]
+    chunked = engine(model=tiny_llama, prompts=prompts, raw_prompts=True, max_tokens=16,
+                     concurrency=4, sampling=sampling, speculative_config=KEYED,
+                     max_num_batched_tokens=256, return_prompt_ids=True)
+    whole = engine(model=tiny_llama, prompts=prompts, raw_prompts=True, max_tokens=16,
+                   concurrency=4, sampling=sampling, speculative_config=KEYED)
+    assert min(len(p) for p in chunked["prompt_token_ids"]) > 256  # really chunked
+    assert chunked["token_ids"] == whole["token_ids"]
+    assert all(len(t) == 16 for t in chunked["token_ids"])

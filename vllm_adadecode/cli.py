@@ -6,6 +6,7 @@
     vllm-adadecode train-heads self-distil exit heads on the model's own outputs
     vllm-adadecode eval-heads  agreement / exits vs threshold / calibration, JSON + PNG
     vllm-adadecode bench       speculative methods side by side (Spec-Bench style)
+    vllm-adadecode soak        vllm serve with AdaDecode vs plain under a mix of abuse
 """
 
 from __future__ import annotations
@@ -201,6 +202,33 @@ def cmd_corpus(args) -> int:
     return 0
 
 
+def cmd_soak(args) -> int:
+    from pathlib import Path
+
+    from . import prompts as P
+    from .soak import format_report, run_soak
+
+    texts = [p.text for name in ("humaneval", "mtbench", "sharegpt")
+             for p in P.load(name, "eval")]
+    spec = json.loads(args.speculative_config) if args.speculative_config else None
+    rep = run_soak(model=args.model or _packaged(), requests=args.requests,
+                   inflight=args.inflight, seed=args.seed, kv_blocks=args.kv_blocks,
+                   prefix_caching=args.prefix_caching, speculative_config=spec,
+                   log_dir=Path(args.log_dir), texts=texts, enforce_eager=args.enforce_eager,
+                   chunked_prefill=args.chunked_prefill, control=args.control)
+    rep["settings"]["command"] = "vllm-adadecode " + " ".join(
+        a if " " not in a and "{" not in a else repr(a) for a in args.argv)
+    print(format_report(rep))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rep, indent=1))
+        print(f"wrote {args.out}")
+    s = rep["servers"]
+    ok = (rep["greedy_identical"] == rep["greedy_compared"]
+          and all(x["failed"] == 0 and x["server_errors"] == 0 and x["alive_at_end"]
+                  for x in s.values()))
+    return 0 if ok else 1
+
+
 def cmd_eval_heads(args) -> int:
     from .training.pipeline import eval_command
 
@@ -344,6 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--log", default=_default_log("bench.log"),
                    help="append engine logs here (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
+
+    k = sub.add_parser("soak", help="vllm serve with AdaDecode and plain, under a seeded mix")
+    k.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
+    k.add_argument("--requests", type=int, default=200)
+    k.add_argument("--inflight", type=int, default=32, help="requests open at once")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--kv-blocks", type=int, help="KV-cache blocks (small: the scheduler "
+                                                 "preempts; vLLM's --num-gpu-blocks-override)")
+    k.add_argument("--prefix-caching", action="store_true")
+    k.add_argument("--speculative-config", help="AdaDecode settings as JSON "
+                                                "(default {\"method\": \"adadecode\"})")
+    k.add_argument("--enforce-eager", action="store_true")
+    k.add_argument("--chunked-prefill", action="store_true",
+                   help="leave vLLM's chunked prefill on (vLLM 0.32 on CPU then dies on a "
+                        "seeded request whose prompt is split; AdaDecode does not)")
+    k.add_argument("--control", action="store_true",
+                   help="a second plain server instead of AdaDecode (what two identical "
+                        "servers differ by under the same mix)")
+    k.add_argument("--log-dir", default=_default_log("soak"), help="server logs")
+    k.add_argument("--out", help="report JSON")
+    k.set_defaults(func=cmd_soak)
     return p
 
 

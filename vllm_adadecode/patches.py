@@ -514,6 +514,24 @@ def install_keyed_sampling() -> None:
     _sample._adadecode = True
     GPUModelRunner._sample = _sample
 
+    original_bookkeeping = GPUModelRunner._bookkeeping_sync
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        # vLLM rolls a seeded request's generator back when its sampled token
+        # is discarded (a prompt prefilled in chunks), with set_offset, which
+        # CPU generators do not have: the engine dies (vLLM 0.32, CPU). With
+        # position-keyed sampling the generators draw nothing to roll back.
+        if getattr(getattr(self, "drafter", None), "sampling_seeds", None) is None:
+            return original_bookkeeping(self, *args, **kwargs)
+        gens, self.input_batch.generators = self.input_batch.generators, {}
+        try:
+            return original_bookkeeping(self, *args, **kwargs)
+        finally:
+            self.input_batch.generators = gens
+
+    _bookkeeping_sync._adadecode = True
+    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+
 
 def step_keys(runner, seeds, spec_decode_metadata):
     """Per request of this step: its seed, and the position its first logits
