@@ -35,6 +35,7 @@ def _start(model, spec, **kw):
         ({"lookup": "on"}, r"'lookup' must be true or false"),
         ({"lookup_cache": None}, r"'lookup_cache' must be true or false"),
         ({"self_draft": 0}, r"'self_draft' must be true or false"),
+        ({"sampled_drafts": "yes"}, r"'sampled_drafts' must be true or false"),
         ({"lookup_min_match": 0}, r"'lookup_min_match' must be an integer >= 1"),
         ({"lookup_max_match": 2.5}, r"'lookup_max_match' must be an integer >= 1"),
         ({"lookup_min_match": 4, "lookup_max_match": 3},
@@ -169,7 +170,7 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
         "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
         "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 16384,
         "lookup_corpus": True, "corpus_min_prob": 0.4, "self_draft": True,
-        "disable_by_batch_size": 16}
+        "disable_by_batch_size": 16, "sampled_drafts": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
 
 
