@@ -158,6 +158,17 @@ def test_compiled_drafter_and_deferred_forward_match_compiled_vanilla(engine, ti
     # engine start, so serving compiled nothing
     assert d["compiled_segments"] == 3
     assert d["graphs_compiled_serving"] == 0
+    # each piece's two graphs (one row, several rows) were either loaded from
+    # an earlier start's artifacts or compiled ahead of time and saved
+    assert d["segments_loaded"] + d["segments_saved"] == 6
+    # a second start on the same cache loads them all and decodes the same tokens
+    again = _tiny(engine, tiny_llama, speculative_config=DEFERRED, enforce_eager=False,
+                  start=2)  # a job of its own: a second engine start
+    assert again["token_ids"] == van["token_ids"]
+    assert again["spec"]["num_draft_tokens"] == dfr["spec"]["num_draft_tokens"]
+    assert again["drafter"]["segments_loaded"] == 6
+    assert again["drafter"]["segments_saved"] == 0
+    assert again["drafter"]["graphs_compiled_serving"] == 0
 
 
 def test_deferred_verification_mixed_batch_with_prefills(engine, tiny_llama):

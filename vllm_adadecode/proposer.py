@@ -176,6 +176,10 @@ class AdaDecodeProposer:
             "attempt_layers_reused": self.attempt_layers_reused,
             "num_layers": self.num_layers,
             "compiled_segments": self.segments.num_compiled if self.model is not None else 0,
+            # of those, graphs loaded from artifacts saved by an earlier start,
+            # and graphs compiled ahead of time and saved by this one
+            "segments_loaded": self.segments.loaded if self.model is not None else 0,
+            "segments_saved": self.segments.saved if self.model is not None else 0,
             # torch.compile graphs built after the engine's warm-up (cumulative):
             # 0 means no request waited for a compilation.
             "graphs_compiled_serving": (patches.dynamo_graphs() - self._graphs_at_start
@@ -285,8 +289,10 @@ class AdaDecodeProposer:
         t0 = time.perf_counter()
         n = self.segments.warm_up(self.vllm_config, self.hidden_size, self.dtype)
         self._graphs_at_start = patches.dynamo_graphs()
-        patches.logger.info("AdaDecode: compiled %d layer segments in %.1f s", n,
-                            time.perf_counter() - t0)
+        patches.logger.info(
+            "AdaDecode: %d layer segments ready in %.1f s (%d graphs loaded from "
+            "saved artifacts, %d compiled and saved)", n, time.perf_counter() - t0,
+            self.segments.loaded, self.segments.saved)
 
     def propose(self, *args, **kwargs):  # vLLM's custom-class signature
         raise RuntimeError(
