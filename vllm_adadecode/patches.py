@@ -41,6 +41,10 @@ engine was configured for AdaDecode. The first three are installed by
   likewise ``adadecode_step_times``, ``adadecode_reset_lookup_cache`` and
   ``adadecode_worker_info`` (class, CPU affinity, OpenMP threads).
 
+``SegmentStore`` saves the drafter's compiled layer segments under vLLM's
+cache root (torch's ``aot_compile``, keyed with vLLM's own compile-cache
+factors), so a warm engine start loads them instead of tracing them again.
+
 The adapters below (RunnerBatch, decoder_layers, embed, final_norm,
 compute_logits) are the only places the drafter reaches into vLLM objects.
 """
@@ -990,8 +994,9 @@ class SegmentStore:
     tracing them again with Dynamo (most of a warm start's extra seconds,
     docs/RELIABILITY.md). One artifact per segment and row class (one row;
     several rows with the token dimension dynamic). The key covers vLLM's own
-    compile-cache factors (environment and engine configuration), the torch and
-    vLLM versions and the source of the decoder layer and of this module; a
+    compile-cache factors (environment and engine configuration), the
+    tensor-parallel rank, the torch and vLLM versions and the source of the
+    decoder layer and of this module; a
     missing, stale or unloadable artifact is compiled again and replaced.
 
     Only guards on the segment's tensor inputs are kept (``_segment_guards``),
@@ -1024,7 +1029,10 @@ class SegmentStore:
             sources = [sys.modules[type(layers[0]).__module__].__file__, __file__]
             for path in sources:
                 factors.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+            from vllm.distributed import get_tensor_model_parallel_rank
+
             factors += [torch.__version__, vllm.__version__, type(layers[0]).__qualname__,
+                        f"tp_rank={get_tensor_model_parallel_rank()}",
                         hashlib.sha256(inspect.getsource(_run_layers).encode()).hexdigest()]
         except Exception as e:  # noqa: BLE001 - no store: compile as before
             logger.warning("AdaDecode: no saved layer segments (%s)", e)
