@@ -7,4 +7,4 @@ demo: setup
 	.venv/bin/vllm-adadecode demo
 
 test: setup
-	.venv/bin/python -m pytest tests -v --durations=15
+	.venv/bin/python -m pytest tests -v --durations=40

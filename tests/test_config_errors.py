@@ -184,3 +184,29 @@ def test_spec_model_heads_folder_means_adadecode(tiny_llama, tmp_path):
     assert ada["exit_layers"] == [2, 4] and ada["threshold"] == 0.3
     assert ada["heads"] == str(tmp_path.resolve())
     assert json.loads((tmp_path / "config.json").read_text())["exit_layers"] == [2, 4]
+
+
+@pytest.mark.parametrize("design, message", [
+    ("mlp", r"'design' is 'mlp', which the drafter does not run; the engine runs: 'dxd'"),
+    ("medusa", r"'design' must be one of 'dxd', 'mlp', 'final_state', 'attention', "
+               r"got 'medusa'"),
+])
+def test_heads_design_the_engine_does_not_run_is_refused(tiny_llama, tmp_path, design, message):
+    ExitHeads.identity([2], 256, base_model_fingerprint=base_model_fingerprint(tiny_llama)).save(
+        tmp_path
+    )
+    if design == "mlp":  # a well-formed mlp folder
+        import torch
+
+        from vllm_adadecode.head_designs import DESIGNS
+
+        extra = {2: {k: torch.zeros(s) for k, s in DESIGNS["mlp"].shapes(256).items()
+                     if k != "transform"}}
+        ExitHeads({2: torch.eye(256)}, hidden_size=256, design="mlp", extra=extra,
+                  base_model_fingerprint=base_model_fingerprint(tiny_llama)).save(tmp_path)
+    else:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg["design"] = design
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdaDecodeConfigError, match=message):
+        _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path)})

@@ -127,3 +127,70 @@ def test_shortlist_round_trips_and_bad_shortlist_is_refused(tmp_path):
     save_file(tensors, str(bad / WEIGHTS_FILE))
     with pytest.raises(AdaDecodeConfigError, match="1-D tensor of token ids"):
         ExitHeads.load(bad)
+
+
+def _design_heads(design, d=8, layers=(1, 3)):
+    from vllm_adadecode.head_designs import DESIGNS
+
+    g = torch.Generator().manual_seed(1)
+    params = {x: {k: torch.randn(s, generator=g) for k, s in DESIGNS[design].shapes(d).items()}
+              for x in layers}
+    return ExitHeads({x: p.pop("transform") for x, p in params.items()}, hidden_size=d,
+                     threshold=0.7, base_model_fingerprint="sha256:test", design=design,
+                     extra=params)
+
+
+@pytest.mark.parametrize("design", ["dxd", "mlp", "final_state", "attention"])
+def test_every_design_saves_as_version_2_and_reloads_bit_identical(tmp_path, design):
+    h = _design_heads(design)
+    h.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["format_version"] == 2 and cfg["design"] == design
+    back = ExitHeads.load(tmp_path)
+    assert back.design == design
+    for x in (1, 3):
+        a, b = h.params(x), back.params(x)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_version_1_folder_loads_as_dxd(tmp_path):
+    _heads().save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["format_version"] = 1
+    del cfg["design"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    back = ExitHeads.load(tmp_path)
+    assert back.design == "dxd" and back.exit_layers == [1, 3]
+    assert all(torch.equal(back.transforms[x], _heads().transforms[x]) for x in (1, 3))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"design": "medusa"}, r"'design' must be one of 'dxd', 'mlp', 'final_state', "
+                           r"'attention', got 'medusa'"),
+    ({"format_version": 3}, r"'format_version' must be one of 1, 2, got 3"),
+])
+def test_unknown_design_or_version_is_refused(tmp_path, edit, message):
+    _heads().save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdaDecodeConfigError, match=message):
+        ExitHeads.load(tmp_path)
+
+
+def test_design_tensors_missing_from_the_weights_are_refused(tmp_path):
+    _heads().save(tmp_path)  # dxd tensors only
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["design"] = "mlp"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdaDecodeConfigError, match=r"lacks tensor 'exit_heads.1.up'"):
+        ExitHeads.load(tmp_path)
+
+
+def test_design_that_is_not_a_name_is_refused(tmp_path):
+    _heads().save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["design"] = ["dxd"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdaDecodeConfigError, match=r"'design' must be one of .*got \['dxd'\]"):
+        ExitHeads.load(tmp_path)

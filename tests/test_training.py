@@ -146,3 +146,97 @@ def test_eval_heads_writes_agreement_calibration_and_predicted_speed(trained, ti
     assert own["exit_layers"] == heads.exit_layers and own["tokens_per_step"] >= 1.0
     assert pred["humaneval"]["best"]["speedup"] >= own["speedup"] - 1e-9
     assert "humaneval: predicted batch-1 speedup" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def design_feats(trained, tiny_llama):
+    _, work, _ = trained
+    hf, feats = _features(work, tiny_llama, [2])
+    from vllm_adadecode.training.train import FrozenHead
+
+    train, held = feats.split_by_sequence(0.25, seed=0)
+    return FrozenHead.from_hf(hf), train, held
+
+
+@pytest.mark.parametrize("design", ["dxd", "mlp", "final_state", "attention"])
+def test_each_design_lowers_held_out_kl_and_reloads_bit_identical(design_feats, tiny_llama,
+                                                                  tmp_path, design):
+    from vllm_adadecode.head_designs import DESIGNS
+    from vllm_adadecode.training.evaluate import exit_stats
+    from vllm_adadecode.training.train import train_design
+
+    head, train, held = design_feats
+    p = train_design(head, train, 2, DESIGNS[design], epochs=4, batch=128, lr=2e-3, seed=3)
+    again = train_design(head, train, 2, DESIGNS[design], epochs=4, batch=128, lr=2e-3, seed=3)
+    assert all(torch.equal(p[k], again[k]) for k in p)  # seeded
+    transform = p.pop("transform")
+    identity = exit_stats(head, held, {2: None})[2]["kl"].mean()
+    trained_kl = exit_stats(head, held, {2: transform}, design=design, extra={2: p})[2]["kl"]
+    assert trained_kl.mean() < 0.98 * identity, (design, float(trained_kl.mean()), float(identity))
+    heads = ExitHeads({2: transform}, hidden_size=256, design=design, extra={2: p},
+                      base_model_fingerprint=base_model_fingerprint(tiny_llama))
+    heads.save(tmp_path)
+    back = ExitHeads.load(tmp_path)
+    assert back.design == design
+    assert all(torch.equal(back.params(2)[k], heads.params(2)[k]) for k in heads.params(2))
+    again_kl = exit_stats(head, held, {2: back.transforms[2]}, design=design,
+                          extra=back.extra)[2]["kl"]
+    assert torch.equal(again_kl, trained_kl)
+
+
+def test_compare_heads_judges_every_design_and_applies_the_gate(trained, tiny_llama, tmp_path):
+    out, work, _ = trained
+    js, png = tmp_path / "designs.json", tmp_path / "designs.png"
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "compare-heads", "--model", tiny_llama,
+         "--heads", str(out), "--depths", "0,2", "--data", "humaneval,mtbench",
+         "--num-prompts", "40", "--max-tokens", "48", "--eval-data", "humaneval,mtbench",
+         "--eval-num-prompts", "8", "--eval-max-tokens", "24", "--epochs", "3",
+         "--batch", "128", "--train-vocab", "0", "--work-dir", str(work),
+         "--out-json", str(js), "--out-png", str(png), "--log", str(tmp_path / "engine.log")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads(js.read_text())
+    rows = {(r["design"], r["depth"]): r for r in report["rows"]}
+    shipped = ExitHeads.load(out)
+    assert {("shipped", x + 1) for x in shipped.exit_layers} <= set(rows)
+    for design in ("identity", "dxd", "mlp", "final_state", "attention"):
+        for depth in (0, 2):
+            r = rows[(design, depth)]
+            assert 0.0 <= r["agreement"] <= 1.0 and 0.0 <= r["calibration_error"] <= 1.0
+            assert r["predicted"]["humaneval"]["speedup"] > 0
+            if design != "identity" and depth == 2:
+                assert r["kl"] < rows[("identity", 2)]["kl"], (design, r["kl"])
+    assert len(rows[("final_state", 2)]["agreement_by_age"]) == 3
+    gate = report["gate"]
+    assert gate["shipped"]["humaneval"] == max(
+        rows[("shipped", x + 1)]["predicted"]["humaneval"]["speedup"] for x in shipped.exit_layers)
+    assert set(gate["passed"]) <= {"dxd", "mlp", "final_state", "attention"}
+    assert "| design | depth |" in res.stdout and gate["finding"] in res.stdout
+    assert png.stat().st_size > 10_000
+
+
+def test_eval_heads_reports_a_version_2_design(design_feats, trained, tiny_llama, tmp_path):
+    from vllm_adadecode.head_designs import DESIGNS
+    from vllm_adadecode.training.train import train_design
+
+    head, train, _ = design_feats
+    _, work, _ = trained
+    p = train_design(head, train, 2, DESIGNS["final_state"], epochs=2, batch=128, seed=0)
+    folder = tmp_path / "heads"
+    ExitHeads({2: p.pop("transform")}, hidden_size=256, design="final_state", extra={2: p},
+              threshold=0.5, base_model_fingerprint=base_model_fingerprint(tiny_llama)).save(folder)
+    js = tmp_path / "eval.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "eval-heads", "--model", tiny_llama,
+         "--heads", str(folder), "--data", "humaneval,mtbench", "--num-prompts", "8",
+         "--max-tokens", "24", "--work-dir", str(work), "--out-json", str(js),
+         "--out-png", str(tmp_path / "eval.png"), "--log", str(tmp_path / "engine.log")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads(js.read_text())
+    assert report["design"] == "final_state" and set(report["layers"]) == {"2"}
+    assert "design 'final_state'" in res.stdout
+    assert report["predicted"]["humaneval"]["heads_config"]["speedup"] > 0

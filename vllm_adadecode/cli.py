@@ -5,6 +5,7 @@
     vllm-adadecode init-heads  write an identity (untrained) exit-heads folder
     vllm-adadecode train-heads self-distil exit heads on the model's own outputs
     vllm-adadecode eval-heads  agreement / exits vs threshold / calibration, JSON + PNG
+    vllm-adadecode compare-heads  every head design at every depth: agreement, predicted speed
     vllm-adadecode bench       speculative methods side by side (Spec-Bench style)
     vllm-adadecode soak        vllm serve with AdaDecode vs plain under a mix of abuse
 """
@@ -194,6 +195,21 @@ def cmd_shortlist(args) -> int:
     return 0
 
 
+def cmd_compare_heads(args) -> int:
+    from .training.compare import compare_command
+
+    from pathlib import Path
+
+    args.model = args.model or _packaged()
+    if args.heads is None:
+        from .heads import SHIPPED_DIR
+
+        shipped = SHIPPED_DIR / Path(args.model).name
+        args.heads = str(shipped) if shipped.is_dir() else None
+    compare_command(args)
+    return 0
+
+
 def cmd_corpus(args) -> int:
     from .training.pipeline import corpus_command
 
@@ -340,6 +356,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--log", help="append engine logs here")
     e.set_defaults(func=cmd_eval_heads)
 
+    m = sub.add_parser("compare-heads", help="every exit-head design at every depth: agreement, "
+                                             "calibration, predicted speed (docs/HEADS.md)")
+    m.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
+    m.add_argument("--heads", help="heads to compare against (default: the model's shipped heads)")
+    m.add_argument("--designs", default="dxd,mlp,final_state,attention")
+    m.add_argument("--depths", default="0,1,2,4,6,8,12,16,20,24",
+                   help="layers run before the head, comma-separated (0: the embeddings)")
+    m.add_argument("--data", default="humaneval,mtbench,sharegpt",
+                   help="training prompts: packaged sets (train split) and/or JSONL files")
+    m.add_argument("--num-prompts", type=int, default=480)
+    m.add_argument("--eval-data", default="humaneval,mtbench",
+                   help="packaged sets whose eval split judges the heads")
+    m.add_argument("--eval-num-prompts", type=int, default=None, help="default: all of them")
+    m.add_argument("--eval-max-tokens", type=int, default=None, help="default: --max-tokens")
+    m.add_argument("--max-tokens", type=int, default=128)
+    m.add_argument("--concurrency", type=int, default=32, help="vLLM batch for generation")
+    m.add_argument("--epochs", type=float, default=1.0)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--batch", type=int, default=512)
+    m.add_argument("--train-vocab", type=_non_negative, default=8192,
+                   help="training KL over this many most frequent response tokens, plus "
+                        "--negatives others drawn each step (0: the whole vocabulary)")
+    m.add_argument("--negatives", type=_non_negative, default=4096)
+    m.add_argument("--max-draft", type=int, default=5)
+    m.add_argument("--gate", type=float, default=0.10,
+                   help="a design passes if its predicted speedup beats the shipped heads' "
+                        "by this fraction on some dataset")
+    _add_cost_model_args(m, "for the predicted speedup")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out-json", default="heads_designs.json")
+    m.add_argument("--out-png", default="heads_designs.png")
+    m.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")
+    m.add_argument("--log", help="append engine logs here")
+    m.set_defaults(func=cmd_compare_heads)
+
     b = sub.add_parser("bench", help="speculative methods side by side (Spec-Bench style)")
     b.add_argument("--model", help="HF model folder (default: packaged SmolLM2-135M-Instruct)")
     b.add_argument("--method", action="append", metavar="NAME[=JSON]",
@@ -408,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
-    if args.command in ("demo", "train-heads", "eval-heads", "bench", "shortlist", "corpus"):
+    if args.command in ("demo", "train-heads", "eval-heads", "compare-heads", "bench",
+                        "shortlist", "corpus"):
         from .cpu_env import reexec_with_runtime_env
 
         reexec_with_runtime_env(["-m", "vllm_adadecode.cli", *argv])

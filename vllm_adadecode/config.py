@@ -242,6 +242,7 @@ def resolve(
     snake_case); ``additional`` is ``additional_config.get("adadecode")``.
     Raises AdaDecodeConfigError naming the field and the allowed values.
     """
+    from .head_designs import ENGINE_DESIGNS
     from .heads import ExitHeads, shipped_heads_for
 
     unknown = sorted(set(spec) - set(ALLOWED_KEYS))
@@ -284,6 +285,12 @@ def resolve(
                 f"{IDENTITY_HEADS!r}, got {heads_path!r}"
             )
         heads = ExitHeads.load(heads_path)  # raises AdaDecodeConfigError when bad
+        if heads.design not in ENGINE_DESIGNS:
+            raise AdaDecodeConfigError(
+                f"adadecode heads folder {heads_path!r}: config.json 'design' is "
+                f"{heads.design!r}, which the drafter does not run; the engine runs: "
+                f"{', '.join(map(repr, ENGINE_DESIGNS))} (`vllm-adadecode eval-heads` "
+                "evaluates every design offline)")
         heads.check_base_model(model_dir, hidden_size=hidden_size)
         heads_path = str(Path(heads_path).expanduser().resolve())
     else:

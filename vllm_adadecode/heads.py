@@ -1,16 +1,21 @@
-"""Exit heads: the learned d x d matrices T_i, their folder format, and the
+"""Exit heads: the learned parts of each exit head, their folder format, and the
 base-model fingerprint that ties a heads folder to the model it was trained on.
 
 An exit head at layer i maps that layer's residual-stream state h to
-``lm_head(final_norm(T_i h))``: T_i is the only trained part; the model's own
-final norm and LM head are reused, frozen. With no training, T_i = I (logit lens).
+``lm_head(final_norm(z))``, where z is the head design's output
+(``head_designs.py``; design ``dxd``: z = T_i h). Only the head's own
+tensors are trained; the model's own final norm and LM head are reused,
+frozen. With no training, T_i = I (logit lens).
 
-Folder format (``HEADS_FORMAT``)::
+Folder format (``HEADS_FORMAT``, version 2; version-1 folders, which have no
+"design" and hold d x d transforms, still load as design ``dxd``)::
 
-    HEADS_DIR/config.json        {"format": ..., "base_model_fingerprint": ...,
+    HEADS_DIR/config.json        {"format": ..., "format_version": 2, "design": "dxd",
+                                  "base_model_fingerprint": ...,
                                   "hidden_size": d, "exit_layers": [...],
                                   "threshold": 0.75, ...}
     HEADS_DIR/exit_heads.safetensors   "exit_heads.<layer>.transform": [d, d]
+                                       "exit_heads.<layer>.<name>": the design's other tensors
                                        "exit_heads.shortlist": [n] token ids (optional)
 
 The optional shortlist holds the token ids the model emitted most often in the
@@ -31,9 +36,11 @@ from typing import Any
 import torch
 
 from .config import AdaDecodeConfigError
+from .head_designs import DESIGNS
 
 HEADS_FORMAT = "vllm-adadecode-exit-heads"
-HEADS_FORMAT_VERSION = 1
+HEADS_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 WEIGHTS_FILE = "exit_heads.safetensors"
 SHIPPED_DIR = Path(__file__).parent / "shipped_heads"
 
@@ -86,15 +93,20 @@ HEAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _WEIGHTS_SLACK_BYTES = 16 << 20
 
 
-def max_weights_bytes(hidden_size: int, num_heads: int) -> int:
-    """The largest weights file a heads folder may have: its transforms in
-    fp32 (d x d each), plus room for the header and a shortlist. A bigger file
-    is not a heads folder of this shape, and is never read."""
-    return max(1, num_heads) * hidden_size * hidden_size * 4 + _WEIGHTS_SLACK_BYTES
+def max_weights_bytes(hidden_size: int, num_heads: int, design: str = "dxd") -> int:
+    """The largest weights file a heads folder may have: its heads' tensors in
+    fp32, plus room for the header and a shortlist. A bigger file is not a
+    heads folder of this shape, and is never read."""
+    return (max(1, num_heads) * DESIGNS[design].num_values(hidden_size) * 4
+            + _WEIGHTS_SLACK_BYTES)
 
 
 class ExitHeads:
-    """The T_i matrices of one base model, keyed by 0-based exit layer."""
+    """The exit heads of one base model, keyed by 0-based exit layer.
+
+    ``transforms[layer]`` is every design's T_i; ``extra[layer]`` holds the
+    design's other tensors by name (empty for ``dxd``).
+    """
 
     def __init__(
         self,
@@ -105,19 +117,38 @@ class ExitHeads:
         base_model_fingerprint: str | None = None,
         metadata: dict[str, Any] | None = None,
         shortlist: torch.Tensor | None = None,
+        design: str = "dxd",
+        extra: dict[int, dict[str, torch.Tensor]] | None = None,
     ):
+        if not isinstance(design, str) or design not in DESIGNS:
+            raise AdaDecodeConfigError(
+                f"exit heads 'design' must be one of {', '.join(map(repr, DESIGNS))}, "
+                f"got {design!r}")
+        self.design = design
         self.shortlist = None if shortlist is None else shortlist.to(torch.int64)
         self.transforms = {int(k): v for k, v in sorted(transforms.items())}
+        self.extra = {x: dict((extra or {}).get(x, {})) for x in self.transforms}
         self.hidden_size = hidden_size
         self.threshold = threshold
         self.base_model_fingerprint = base_model_fingerprint
         self.metadata = dict(metadata or {})
-        for layer, t in self.transforms.items():
-            if tuple(t.shape) != (hidden_size, hidden_size):
+        shapes = DESIGNS[design].shapes(hidden_size)
+        for layer in self.transforms:
+            got = self.params(layer)
+            if set(got) != set(shapes):
                 raise AdaDecodeConfigError(
-                    f"exit head for layer {layer} has shape {tuple(t.shape)}, "
-                    f"expected ({hidden_size}, {hidden_size})"
-                )
+                    f"exit head for layer {layer} (design {design!r}) has tensors "
+                    f"{sorted(got)}, expected {sorted(shapes)}")
+            for name, t in got.items():
+                if tuple(t.shape) != shapes[name]:
+                    raise AdaDecodeConfigError(
+                        f"exit head for layer {layer}: {name!r} has shape {tuple(t.shape)}, "
+                        f"expected {shapes[name]}"
+                    )
+
+    def params(self, layer: int) -> dict[str, torch.Tensor]:
+        """Every tensor of one head by name, as its design's ``apply`` takes them."""
+        return {"transform": self.transforms[layer], **self.extra[layer]}
 
     @property
     def exit_layers(self) -> list[int]:
@@ -130,6 +161,8 @@ class ExitHeads:
         )
 
     def is_identity(self, layer: int) -> bool:
+        if self.extra[layer]:
+            return False
         t = self.transforms[layer]
         return bool(torch.equal(t, torch.eye(self.hidden_size, dtype=t.dtype)))
 
@@ -140,8 +173,8 @@ class ExitHeads:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {
-            f"exit_heads.{layer}.transform": t.detach().to(torch.float32).contiguous()
-            for layer, t in self.transforms.items()
+            f"exit_heads.{layer}.{name}": t.detach().to(torch.float32).contiguous()
+            for layer in self.transforms for name, t in self.params(layer).items()
         }
         if self.shortlist is not None:
             tensors[SHORTLIST_KEY] = self.shortlist.contiguous()
@@ -151,6 +184,7 @@ class ExitHeads:
         cfg = {
             "format": HEADS_FORMAT,
             "format_version": HEADS_FORMAT_VERSION,
+            "design": self.design,
             "base_model_fingerprint": self.base_model_fingerprint,
             "hidden_size": self.hidden_size,
             "exit_layers": self.exit_layers,
@@ -181,11 +215,19 @@ class ExitHeads:
                 f"{where}: config.json 'format' must be {HEADS_FORMAT!r}, "
                 f"got {cfg.get('format') if isinstance(cfg, dict) else cfg!r}"
             )
-        if cfg.get("format_version") != HEADS_FORMAT_VERSION:
+        version = cfg.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
             raise AdaDecodeConfigError(
-                f"{where}: 'format_version' must be {HEADS_FORMAT_VERSION}, "
-                f"got {cfg.get('format_version')!r}"
+                f"{where}: 'format_version' must be one of "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}, got {version!r}"
             )
+        design = cfg.get("design", "dxd") if version >= 2 else "dxd"
+        if version >= 2 and "design" not in cfg:
+            raise AdaDecodeConfigError(f"{where}: config.json lacks 'design'")
+        if not isinstance(design, str) or design not in DESIGNS:
+            raise AdaDecodeConfigError(
+                f"{where}: config.json 'design' must be one of "
+                f"{', '.join(map(repr, DESIGNS))}, got {design!r}")
         for key in ("hidden_size", "exit_layers", "threshold", "base_model_fingerprint"):
             if key not in cfg:
                 raise AdaDecodeConfigError(f"{where}: config.json lacks {key!r}")
@@ -201,29 +243,34 @@ class ExitHeads:
             size = weights.stat().st_size
         except FileNotFoundError:
             raise AdaDecodeConfigError(f"{where} has no {WEIGHTS_FILE}") from None
-        limit = max_weights_bytes(hidden, len(layers))
+        limit = max_weights_bytes(hidden, len(layers), design)
         if size > limit:
             raise AdaDecodeConfigError(
                 f"{where}: {WEIGHTS_FILE} is {size} bytes, more than the {limit} that "
-                f"{len(layers)} exit head(s) of hidden size {hidden} can need; refusing to load it")
+                f"{len(layers)} {design!r} exit head(s) of hidden size {hidden} can need; "
+                "refusing to load it")
         try:
             tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} is corrupt ({e})") from None
-        transforms = {}
+        transforms, extra = {}, {}
         for layer in layers:
-            key = f"exit_heads.{layer}.transform"
-            if key not in tensors:
-                raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} lacks tensor {key!r}")
-            t = tensors[key]
-            if t.dtype not in HEAD_DTYPES:
-                raise AdaDecodeConfigError(
-                    f"{where}: tensor {key!r} has dtype {t.dtype}; allowed: "
-                    f"{', '.join(str(x) for x in HEAD_DTYPES)}")
-            if not bool(torch.isfinite(t).all()):
-                raise AdaDecodeConfigError(
-                    f"{where}: tensor {key!r} holds NaN or Inf values")
-            transforms[int(layer)] = t
+            params = {}
+            for name in DESIGNS[design].shapes(hidden):
+                key = f"exit_heads.{layer}.{name}"
+                if key not in tensors:
+                    raise AdaDecodeConfigError(f"{where}: {WEIGHTS_FILE} lacks tensor {key!r}")
+                t = tensors[key]
+                if t.dtype not in HEAD_DTYPES:
+                    raise AdaDecodeConfigError(
+                        f"{where}: tensor {key!r} has dtype {t.dtype}; allowed: "
+                        f"{', '.join(str(x) for x in HEAD_DTYPES)}")
+                if not bool(torch.isfinite(t).all()):
+                    raise AdaDecodeConfigError(
+                        f"{where}: tensor {key!r} holds NaN or Inf values")
+                params[name] = t
+            transforms[int(layer)] = params.pop("transform")
+            extra[int(layer)] = params
         shortlist = tensors.get(SHORTLIST_KEY)
         if shortlist is not None and (shortlist.dim() != 1 or shortlist.is_floating_point()):
             raise AdaDecodeConfigError(
@@ -235,6 +282,8 @@ class ExitHeads:
             base_model_fingerprint=cfg["base_model_fingerprint"],
             metadata={k: v for k, v in cfg.items() if k not in _RESERVED},
             shortlist=shortlist,
+            design=design,
+            extra=extra,
         )
 
     def check_base_model(self, model_dir: str | os.PathLike, *, hidden_size: int) -> None:
@@ -257,6 +306,7 @@ class ExitHeads:
 _RESERVED = {
     "format",
     "format_version",
+    "design",
     "base_model_fingerprint",
     "hidden_size",
     "exit_layers",

@@ -670,6 +670,17 @@ def lm_head_rows(model, token_ids: torch.Tensor):
     return weight[token_ids].clone(), float(getattr(proc, "scale", 1.0))
 
 
+def cpu_linear(weight: torch.Tensor):
+    """``x -> x @ weight.T`` through vLLM's own CPU GEMM for a fixed weight
+    (oneDNN with the weight prepacked, as vLLM's linear layers run on CPU)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
 def ngram_matcher():
     """vLLM's n-gram matcher (numba): (tokens, min_n, max_n, max_len, k) -> the
     up-to-k tokens that followed the longest earlier occurrence of the suffix."""

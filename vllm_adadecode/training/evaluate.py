@@ -15,6 +15,7 @@ import json
 
 import torch
 
+from ..head_designs import DESIGNS, context_rows
 from .data import Features
 from .train import FrozenHead
 
@@ -24,21 +25,37 @@ BINS = 10
 
 @torch.no_grad()
 def exit_stats(head: FrozenHead, feats: Features, transforms: dict[int, torch.Tensor | None],
-               batch: int = 1024) -> dict[int, dict[str, torch.Tensor]]:
-    """Per layer: confidence [N] and correctness [N] of the exit head's top-1."""
-    conf = {x: [] for x in transforms}
-    right = {x: [] for x in transforms}
+               batch: int = 1024, *, design: str = "dxd",
+               extra: dict[int, dict[str, torch.Tensor]] | None = None,
+               staleness: int = 1) -> dict[int, dict[str, torch.Tensor]]:
+    """Per layer: confidence [N] and correctness [N] of the exit head's top-1, and
+    the per-row KL(p_final || p_exit) [N]. ``transforms[x]`` None is the identity
+    head; other designs' tensors come in ``extra``; a ``final_state`` head reads
+    the final state ``staleness`` positions back."""
+    des = DESIGNS[design]
+    out = {x: {"conf": [], "right": [], "kl": []} for x in transforms}
     for s in range(0, len(feats), batch):
-        target = head.final_logits(feats.final[s:s + batch]).argmax(-1)
+        rows = torch.arange(s, min(s + batch, len(feats)))
+        final_logits = head.final_logits(feats.final[rows])
+        target = final_logits.argmax(-1)
         for j, x in enumerate(feats.layers):
             if x not in transforms:
                 continue
-            logits = head.exit_logits(feats.hidden[s:s + batch, j], transforms[x])
-            p = logits.float().softmax(-1)
-            c, tok = p.max(-1)
-            conf[x].append(c)
-            right[x].append(tok == target)
-    return {x: {"conf": torch.cat(conf[x]), "right": torch.cat(right[x])} for x in transforms}
+            h = feats.hidden[rows, j]
+            if transforms[x] is None:
+                logits = head.logits(h)
+            else:
+                params = {"transform": transforms[x], **(extra or {}).get(x, {})}
+                ctx = context_rows(des, feats.hidden[:, j], feats.final, feats.seq_ids, rows,
+                                   staleness=staleness)
+                logits = head.logits(des.apply(params, h, ctx))
+            logq = logits.float().log_softmax(-1)
+            c, tok = logq.max(-1)
+            logp = final_logits.float().log_softmax(-1)
+            out[x]["conf"].append(c.exp())
+            out[x]["right"].append(tok == target)
+            out[x]["kl"].append((logp.exp() * (logp - logq)).sum(-1))
+    return {x: {k: torch.cat(v) for k, v in r.items()} for x, r in out.items()}
 
 
 def summarize(stats: dict[str, torch.Tensor]) -> dict:
@@ -60,7 +77,9 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict:
         calib.append({"lo": float(lo), "hi": float(hi), "count": n,
                       "confidence": float(conf[m].mean()) if n else None,
                       "agreement": float(right[m].mean()) if n else None})
+    ece = sum(c["count"] * abs(c["confidence"] - c["agreement"]) for c in calib if c["count"])
     return {"agreement": float(right.mean()), "mean_confidence": float(conf.mean()),
+            "calibration_error": ece / max(1, len(conf)),
             "by_threshold": by_threshold, "calibration": calib}
 
 

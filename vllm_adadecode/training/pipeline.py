@@ -10,11 +10,16 @@ from pathlib import Path
 
 import torch
 
+from ..head_designs import DESIGNS, MAX_STALENESS
 from ..heads import ExitHeads, base_model_fingerprint
 from . import data as D
 from .evaluate import evaluate, exit_stats, write
 from .select import CostModel, choose, simulate
 from .train import FrozenHead, held_out_kl, train_heads
+
+
+AGES = 3  # a final_state head is judged at final-state ages 1..AGES (later drafts: AGES)
+assert AGES <= MAX_STALENESS
 
 
 def _model_config(model_dir: str) -> dict:
@@ -216,14 +221,16 @@ def corpus_command(args) -> dict:
     return info
 
 
-def predict_speed(stats, feats, heads, dataset_of: list[str], num_layers: int, args) -> dict:
+def predict_speed(stats_by_age, feats, heads, dataset_of: list[str], num_layers: int,
+                  args) -> dict:
     """Per dataset: the cost model's predicted batch-1 speedup for the heads'
-    own exit layers and threshold, and for the best subset of them (``stats``:
-    exit_stats of the heads on ``feats``)."""
+    own exit layers and threshold, and for the best subset of them
+    (``stats_by_age``: exit_stats of the heads on ``feats``, one per age of the
+    final state a draft sees: one entry unless the design reads it)."""
     cost = _cost_model(args)
     layers = heads.exit_layers
-    conf = torch.stack([stats[x]["conf"] for x in layers], 1)
-    right = torch.stack([stats[x]["right"] for x in layers], 1)
+    conf = torch.stack([torch.stack([s[x]["conf"] for x in layers], 1) for s in stats_by_age], -1)
+    right = torch.stack([torch.stack([s[x]["right"] for x in layers], 1) for s in stats_by_age], -1)
     # collect_features numbers sequences by their index in the prompt list
     names = [dataset_of[i] for i in feats.seq_ids.tolist()]
     out = {}
@@ -259,13 +266,17 @@ def eval_command(args) -> dict:
     hf = _load_hf(args.model)
     head = FrozenHead.from_hf(hf)
     feats = D.collect_features(hf, seqs, heads.exit_layers)
-    stats = exit_stats(head, feats, heads.transforms)
-    report = evaluate(head, feats, heads.transforms, stats)
-    report["predicted"] = predict_speed(stats, feats, heads, dataset_of,
+    ages = range(1, (AGES if DESIGNS[heads.design].context == "final_state" else 1) + 1)
+    by_age = [exit_stats(head, feats, heads.transforms, design=heads.design, extra=heads.extra,
+                         staleness=a) for a in ages]
+    report = evaluate(head, feats, heads.transforms, by_age[0])
+    report["predicted"] = predict_speed(by_age, feats, heads, dataset_of,
                                         _model_config(args.model)["num_hidden_layers"], args)
+    report["design"] = heads.design
     report["heads"] = str(args.heads)
     report["data"] = args.data
     write(report, args.out_json, args.out_png, f"{Path(args.model).name}: {args.data} (eval split)")
+    print(f"design {heads.design!r}")
     for x, r in report["layers"].items():
         print(f"layer {x}: agreement {r['identity']['agreement']:.3f} (identity) -> "
               f"{r['trained']['agreement']:.3f} (trained)")

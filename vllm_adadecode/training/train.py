@@ -1,7 +1,8 @@
 """Train exit heads: minimise KL(p_final || p_exit_i) with the base model frozen.
 
-p_exit_i = softmax(lm_head(final_norm(T_i h_i))): only T_i (d x d, initialised
-to the identity) learns; the model's final norm and LM head stay frozen.
+p_exit_i = softmax(lm_head(final_norm(z_i))), z_i the head design's output
+(``head_designs.py``; ``dxd``: z_i = T_i h_i, T_i initialised to the identity).
+Only the head's own tensors learn; the model's final norm and LM head stay frozen.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..head_designs import MAX_STALENESS, Design, context_rows
 from .data import Features
 
 
@@ -31,9 +33,16 @@ class FrozenHead:
         return cls(hf_model.lm_head.weight.detach().float(), norm.weight.detach().float(), eps)
 
     def exit_logits(self, h: torch.Tensor, transform: torch.Tensor | None) -> torch.Tensor:
-        z = h if transform is None else h @ transform.T
+        return self.logits(h if transform is None else h @ transform.T)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of a design's output z (the final norm's input)."""
         z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight
         return z @ self.lm_head.T
+
+    def restricted(self, token_ids: torch.Tensor) -> "FrozenHead":
+        """The same head over a subset of the vocabulary (rows of the LM head)."""
+        return FrozenHead(self.lm_head[token_ids].contiguous(), self.norm_weight, self.eps)
 
     def final_logits(self, final: torch.Tensor) -> torch.Tensor:
         return final @ self.lm_head.T
@@ -91,3 +100,53 @@ def train_heads(head: FrozenHead, feats: Features, layers: list[int], *, epochs:
         sched.step()
         bar.set_postfix(kl=f"{total / len(layers):.3f}")
     return {x: p.detach().clone() for x, p in params.items()}
+
+
+def train_design(head: FrozenHead, feats: Features, layer: int, design: Design, *,
+                 epochs: float = 1.0, batch: int = 512, lr: float = 1e-3, seed: int = 0,
+                 vocab: torch.Tensor | None = None, negatives: int = 4096,
+                 desc: str | None = None) -> dict[str, torch.Tensor]:
+    """Adam on one exit head of any design. The KL is over the whole vocabulary,
+    or, given ``vocab`` (token ids), over those plus ``negatives`` other tokens
+    drawn afresh each step (a sampled softmax: cheaper, and every token's logit
+    is still pushed down now and then). A ``final_state`` head sees the final
+    state at an age drawn from 1..MAX_STALENESS per row, as the drafts of one
+    step do."""
+    g = torch.Generator().manual_seed(seed)
+    others = None
+    if vocab is not None:
+        keep = torch.ones(head.lm_head.shape[0], dtype=torch.bool)
+        keep[vocab] = False
+        others = keep.nonzero().flatten()
+    col = feats.layers.index(layer)
+    hidden = feats.hidden[:, col]
+    d = feats.final.shape[1]
+    params = {k: torch.nn.Parameter(v) for k, v in design.init(d, g).items()}
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    n = len(feats)
+    steps = max(1, int(math.ceil(epochs * n / batch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    order = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(steps), desc=desc or f"{design.name} head, layer {layer}", unit="step",
+               leave=False)
+    for _ in bar:
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        idx, order = order[:batch], order[batch:]
+        age = torch.randint(1, MAX_STALENESS + 1, (len(idx),), generator=g)
+        ctx = context_rows(design, hidden, feats.final, feats.seq_ids, idx, staleness=age)
+        step_head = head
+        if others is not None:
+            drawn = others[torch.randperm(len(others), generator=g)[:negatives]]
+            step_head = head.restricted(torch.cat([vocab, drawn]))
+        with torch.no_grad():
+            final_logits = step_head.final_logits(feats.final[idx])
+        opt.zero_grad(set_to_none=True)
+        loss = kl_final_to_exit(final_logits,
+                                step_head.logits(design.apply(params, hidden[idx], ctx)))
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(kl=f"{loss.item():.3f}")
+    return {k: p.detach().clone() for k, p in params.items()}
