@@ -68,6 +68,25 @@ def held_out_kl(head: FrozenHead, feats: Features, transforms: dict[int, torch.T
     return {x: v / max(1, len(feats)) for x, v in totals.items()}
 
 
+def _schedule(params: dict, lr: float, epochs: float, batch: int, n: int, g: torch.Generator):
+    """Adam with 20 warm-up steps and a cosine decay, and the minibatches of row
+    indices it steps on (shuffled epochs, drawn from ``g``)."""
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    steps = max(1, int(math.ceil(epochs * n / batch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+    def batches():
+        order = torch.empty(0, dtype=torch.long)
+        for _ in range(steps):
+            if len(order) < batch:
+                order = torch.cat([order, torch.randperm(n, generator=g)])
+            idx, order = order[:batch], order[batch:]
+            yield idx
+
+    return opt, sched, batches(), steps
+
+
 def train_heads(head: FrozenHead, feats: Features, layers: list[int], *, epochs: float = 2.0,
                 batch: int = 512, lr: float = 1e-3, seed: int = 0,
                 desc: str = "training exit heads") -> dict[int, torch.Tensor]:
@@ -77,17 +96,9 @@ def train_heads(head: FrozenHead, feats: Features, layers: list[int], *, epochs:
     d = feats.final.shape[1]
     cols = [feats.layers.index(x) for x in layers]
     params = {x: torch.nn.Parameter(torch.eye(d)) for x in layers}
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    n = len(feats)
-    steps = max(1, int(math.ceil(epochs * n / batch)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(steps), desc=desc, unit="step")
-    for step in bar:
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:batch], order[batch:]
+    opt, sched, batches, steps = _schedule(params, lr, epochs, batch, len(feats), g)
+    bar = tqdm(batches, total=steps, desc=desc, unit="step")
+    for idx in bar:
         with torch.no_grad():
             final_logits = head.final_logits(feats.final[idx])
         opt.zero_grad(set_to_none=True)
@@ -122,18 +133,10 @@ def train_design(head: FrozenHead, feats: Features, layer: int, design: Design, 
     hidden = feats.hidden[:, col]
     d = feats.final.shape[1]
     params = {k: torch.nn.Parameter(v) for k, v in design.init(d, g).items()}
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    n = len(feats)
-    steps = max(1, int(math.ceil(epochs * n / batch)))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(steps), desc=desc or f"{design.name} head, layer {layer}", unit="step",
-               leave=False)
-    for _ in bar:
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:batch], order[batch:]
+    opt, sched, batches, steps = _schedule(params, lr, epochs, batch, len(feats), g)
+    bar = tqdm(batches, total=steps, desc=desc or f"{design.name} head, layer {layer}",
+               unit="step", leave=False)
+    for idx in bar:
         age = torch.randint(1, MAX_STALENESS + 1, (len(idx),), generator=g)
         ctx = context_rows(design, hidden, feats.final, feats.seq_ids, idx, staleness=age)
         step_head = head
