@@ -36,8 +36,8 @@ from ..head_designs import DESIGNS, WINDOW
 from ..heads import ExitHeads
 from . import data as D
 from .evaluate import exit_stats, summarize
-from .pipeline import AGES, _cost_model, _load_hf, _model_config, sequences_for
-from .select import simulate
+from .pipeline import _cost_model, _load_hf, _model_config, judged_ages, sequences_for
+from .select import choose
 from .train import FrozenHead, train_design
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -84,13 +84,9 @@ def _predict(stats_by_age, seq_ids, names, num_layers, exit_layer, cost, max_dra
     out = {}
     for name in sorted(set(names)):
         m = torch.tensor([n == name for n in names])
-        best = None
-        for g in THRESHOLDS:
-            r = simulate(conf[m], right[m], seq_ids[m], [exit_layer], [0], g,
-                         num_layers=num_layers, max_draft=max_draft, cost=cost)
-            if best is None or r["speedup"] > best["speedup"]:
-                best = {"threshold": g, **r}
-        out[name] = best
+        best = choose(conf[m], right[m], seq_ids[m], [exit_layer], num_layers=num_layers,
+                      max_draft=max_draft, cost=cost, thresholds=THRESHOLDS, max_layers=1)["best"]
+        out[name] = {k: best[k] for k in ("threshold", "tokens_per_step", "speedup")}
     return out
 
 
@@ -148,9 +144,9 @@ def compare_command(args) -> dict:
     def judge(design, depth, transforms, extra, label):
         e = depth - 1
         sub = D.Features([e], held.hidden[:, [exit_layers.index(e)]], held.final, held.seq_ids)
-        ages = range(1, (AGES if DESIGNS[design].context == "final_state" else 1) + 1)
         by_age = [exit_stats(head, sub, {e: transforms}, design=design,
-                             extra={e: extra} if extra else None, staleness=a)[e] for a in ages]
+                             extra={e: extra} if extra else None, staleness=a)[e]
+                  for a in judged_ages(design)]
         cost = replace(base_cost, check_ms=base_cost.check_ms
                        + extra_ms.get(design, {}).get("cost", 0.0))
         summ = summarize(by_age[0])

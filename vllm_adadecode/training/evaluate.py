@@ -84,14 +84,15 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict:
 
 
 def evaluate(head: FrozenHead, feats: Features, trained: dict[int, torch.Tensor],
-             t_stats: dict | None = None) -> dict:
-    """Trained heads against identity heads, per layer. ``t_stats``: the trained
-    heads' exit_stats when the caller has them already."""
+             t_stats: dict | None = None, i_stats: dict | None = None) -> dict:
+    """Trained heads against identity heads, per layer. ``t_stats`` / ``i_stats``:
+    the trained and identity heads' exit_stats when the caller has them already."""
     layers = [x for x in feats.layers if x in trained]
     out = {"tokens": len(feats), "layers": {}}
     if t_stats is None:
         t_stats = exit_stats(head, feats, {x: trained[x] for x in layers})
-    i_stats = exit_stats(head, feats, {x: None for x in layers})
+    if i_stats is None:
+        i_stats = exit_stats(head, feats, {x: None for x in layers})
     for x in layers:
         out["layers"][str(x)] = {"trained": summarize(t_stats[x]),
                                  "identity": summarize(i_stats[x])}

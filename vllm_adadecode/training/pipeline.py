@@ -15,11 +15,16 @@ from ..heads import ExitHeads, base_model_fingerprint
 from . import data as D
 from .evaluate import evaluate, exit_stats, write
 from .select import CostModel, choose, simulate
-from .train import FrozenHead, held_out_kl, train_heads
+from .train import FrozenHead, train_heads
 
 
 AGES = 3  # a final_state head is judged at final-state ages 1..AGES (later drafts: AGES)
 assert AGES <= MAX_STALENESS
+
+
+def judged_ages(design: str) -> range:
+    """The ages of the final state a design's head is judged at (1: the newest)."""
+    return range(1, (AGES if DESIGNS[design].context == "final_state" else 1) + 1)
 
 
 def _model_config(model_dir: str) -> dict:
@@ -127,9 +132,11 @@ def train_command(args) -> dict:
     if args.shortlist:
         shortlist, coverage = D.build_shortlist(seqs, torch.unique(train.seq_ids),
                                                 torch.unique(held.seq_ids), args.shortlist)
-    kl_identity = held_out_kl(head, held, {x: None for x in chosen})
-    kl_trained = held_out_kl(head, held, transforms)
-    report = evaluate(head, held, transforms)
+    t_stats = exit_stats(head, held, transforms)
+    i_stats = exit_stats(head, held, {x: None for x in chosen})
+    kl_trained = {x: float(t_stats[x]["kl"].mean()) for x in chosen}
+    kl_identity = {x: float(i_stats[x]["kl"].mean()) for x in chosen}
+    report = evaluate(head, held, transforms, t_stats, i_stats)
     elapsed = time.time() - t_start
     meta = {
         "base_model": Path(model).name,
@@ -266,9 +273,8 @@ def eval_command(args) -> dict:
     hf = _load_hf(args.model)
     head = FrozenHead.from_hf(hf)
     feats = D.collect_features(hf, seqs, heads.exit_layers)
-    ages = range(1, (AGES if DESIGNS[heads.design].context == "final_state" else 1) + 1)
     by_age = [exit_stats(head, feats, heads.transforms, design=heads.design, extra=heads.extra,
-                         staleness=a) for a in ages]
+                         staleness=a) for a in judged_ages(heads.design)]
     report = evaluate(head, feats, heads.transforms, by_age[0])
     report["predicted"] = predict_speed(by_age, feats, heads, dataset_of,
                                         _model_config(args.model)["num_hidden_layers"], args)

@@ -55,19 +55,6 @@ def kl_final_to_exit(final_logits: torch.Tensor, exit_logits: torch.Tensor) -> t
     return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
-@torch.no_grad()
-def held_out_kl(head: FrozenHead, feats: Features, transforms: dict[int, torch.Tensor | None],
-                batch: int = 1024) -> dict[int, float]:
-    totals = {x: 0.0 for x in transforms}
-    for s in range(0, len(feats), batch):
-        fl = head.final_logits(feats.final[s:s + batch])
-        for j, x in enumerate(feats.layers):
-            if x in transforms:
-                el = head.exit_logits(feats.hidden[s:s + batch, j], transforms[x])
-                totals[x] += kl_final_to_exit(fl, el).item() * fl.shape[0]
-    return {x: v / max(1, len(feats)) for x, v in totals.items()}
-
-
 def _schedule(params: dict, lr: float, epochs: float, batch: int, n: int, g: torch.Generator):
     """Adam with 20 warm-up steps and a cosine decay, and the minibatches of row
     indices it steps on (shuffled epochs, drawn from ``g``)."""
