@@ -120,6 +120,30 @@ def test_shortlist_covers_held_out_tokens_and_rebuilds_identically(trained, tiny
     assert cfg2["training"]["shortlist_held_out_coverage"] == coverage
 
 
+def test_responses_are_reused_per_prompt_for_another_prompt_list(trained, tiny_llama, capsys):
+    """Every response is also kept by its prompt: a different list of already
+    answered prompts (here reordered and cut) is assembled without generating,
+    and a line cut short by an interrupted run is skipped."""
+    from vllm_adadecode.training import data as D
+    from vllm_adadecode.training.pipeline import sequences_for
+
+    _, work, _ = trained
+    prompts = D.load_prompts("humaneval,mtbench", 40, 0)
+    first = D.load_sequences(str(next(Path(work).glob("sequences-*.jsonl"))))
+    assert len(first) == len(prompts)
+    store = next(Path(work).glob("responses-*.jsonl"))
+    with open(store, "a") as f:
+        f.write('{"key": "cut sh')  # an interrupted append
+    subset = prompts[::-1][:25]
+    capsys.readouterr()
+    seqs = sequences_for(tiny_llama, subset, max_tokens=48, concurrency=4, seed=0,
+                         cache_dir=Path(work), log_path=None)
+    printed = capsys.readouterr().out
+    assert "generating" not in printed, printed
+    assert seqs == first[::-1][:25]
+    assert len(list(Path(work).glob("sequences-*.jsonl"))) == 2  # the new list's file
+
+
 def test_eval_heads_writes_agreement_calibration_and_predicted_speed(trained, tiny_llama,
                                                                        tmp_path):
     out, work, _ = trained

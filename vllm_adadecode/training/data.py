@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,35 @@ def save_sequences(path: str, seqs) -> None:
 def load_sequences(path: str):
     return [(d["prompt_ids"], d["response_ids"])
             for d in map(json.loads, Path(path).read_text().splitlines())]
+
+
+def prompt_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def load_responses(path: Path) -> dict[str, tuple[list[int], list[int]]]:
+    """Responses kept by prompt (``append_responses``); a line cut short by an
+    interrupted run is skipped."""
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[d["key"]] = (d["prompt_ids"], d["response_ids"])
+    return out
+
+
+def append_responses(path: Path, texts: list[str], seqs) -> dict:
+    new = {prompt_key(t): s for t, s in zip(texts, seqs)}
+    with open(path, "ab") as f:  # an earlier run cut short mid-line ends that line first
+        if f.tell() and path.read_bytes()[-1:] != b"\n":
+            f.write(b"\n")
+    with open(path, "a") as f:
+        for k, (p, r) in new.items():
+            f.write(json.dumps({"key": k, "prompt_ids": p, "response_ids": r}) + "\n")
+    return new
 
 
 @torch.inference_mode()

@@ -45,18 +45,29 @@ def _load_hf(model_dir: str):
 
 def sequences_for(model_dir: str, prompts, *, max_tokens: int, concurrency: int, seed: int,
                   cache_dir: Path, log_path: str | None):
-    """The model's own greedy responses, cached by (model, prompts, max_tokens)."""
+    """The model's own greedy responses, cached by (model, prompts, max_tokens).
+
+    Besides the file of the whole list, every response is kept by its prompt
+    (``responses-<model>-<max_tokens>.jsonl``), so a longer prompt list, e.g. a
+    larger corpus, generates only the prompts no earlier run answered."""
+    fingerprint = base_model_fingerprint(model_dir)
     key = hashlib.sha256(json.dumps(
-        [base_model_fingerprint(model_dir), [p.text for p in prompts], max_tokens]
-    ).encode()).hexdigest()[:16]
+        [fingerprint, [p.text for p in prompts], max_tokens]).encode()).hexdigest()[:16]
     path = cache_dir / f"sequences-{key}.jsonl"
     if path.exists():
         print(f"[train-heads] reusing generated responses {path}")
         return D.load_sequences(str(path))
-    print(f"[train-heads] generating greedy responses to {len(prompts)} prompts with vLLM ...",
-          flush=True)
-    seqs = D.generate(model_dir, prompts, max_tokens=max_tokens, concurrency=concurrency,
-                      seed=seed, log_path=log_path)
+    store = cache_dir / f"responses-{fingerprint.split(':')[-1][:16]}-{max_tokens}.jsonl"
+    known = D.load_responses(store)
+    todo = [p for p in prompts if D.prompt_key(p.text) not in known]
+    if todo:
+        print(f"[train-heads] generating greedy responses to {len(todo)} prompts with vLLM "
+              f"({len(prompts) - len(todo)} reused) ...", flush=True)
+        seqs = D.generate(model_dir, todo, max_tokens=max_tokens, concurrency=concurrency,
+                          seed=seed, log_path=log_path)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        known.update(D.append_responses(store, [p.text for p in todo], seqs))
+    seqs = [known[D.prompt_key(p.text)] for p in prompts]
     cache_dir.mkdir(parents=True, exist_ok=True)
     D.save_sequences(str(path), seqs)
     return seqs
