@@ -1,7 +1,8 @@
 """Offline replay of lookup and corpus drafts on the model's own greedy answers.
 
     .venv/bin/python scripts/replay_lookups.py [--dataset mtbench,humaneval] \
-        [--num-prompts 40] [--max-tokens 128] [--min-prob 0.1,0.4,0.7]
+        [--num-prompts 40] [--max-tokens 128] [--min-prob 0.1,0.4,0.7] \
+        [--heads DIR] [--fractions 1]
 
 Generates vanilla greedy answers to eval-split prompts with vLLM (one engine,
 in a child process), then replays drafting at batch 1 without an engine: at
@@ -11,7 +12,9 @@ corpus (drafts/corpus.py) drafts. Every draft is checked against the answer,
 as exact-match verification would. Prints tokens per step and the step-cost
 ratio under the batch-1 costs of drafts/adapt.VERIFY_COST (drafts always at
 full length, no back-off, no fixed costs: an upper bound on what the engine
-sees). docs/PERFORMANCE.md section 11 quotes it.
+sees). ``--fractions 0.125,0.25,0.5,1`` replays against the first part of the
+corpus's answers as well (how much a larger corpus buys). docs/PERFORMANCE.md
+sections 11 and 17 quote it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from vllm_adadecode import prompts as P
 from vllm_adadecode.bench.worker import run_job
 from vllm_adadecode.drafts.adapt import VERIFY_COST
-from vllm_adadecode.drafts.corpus import DraftCorpus, load_corpus_tokens
+from vllm_adadecode.drafts.corpus import SEPARATOR, DraftCorpus, load_corpus_tokens
 from vllm_adadecode.drafts.lookup import SequenceLookup
 from vllm_adadecode.heads import SHIPPED_DIR
 from vllm_adadecode.models import packaged_model_dir
@@ -63,6 +66,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--heads", default=str(SHIPPED_DIR / "SmolLM2-135M-Instruct"))
     ap.add_argument("--min-prob", default="0.1,0.4,0.7")
+    ap.add_argument("--fractions", default="1",
+                    help="replay against the first fraction(s) of the corpus's answers too")
     args = ap.parse_args()
     model = str(packaged_model_dir())
     tokens = load_corpus_tokens(args.heads)
@@ -77,9 +82,13 @@ def main() -> None:
         answers = list(zip(res["prompt_token_ids"], res["token_ids"]))
         print(f"{name} ({len(answers)} answers), lookups only: "
               f"{replay(answers, lookup, None)}")
-        for mp in (float(x) for x in args.min_prob.split(",")):
-            r = replay(answers, lookup, DraftCorpus(tokens, min_prob=mp))
-            print(f"{name}, lookups then corpus (min_prob {mp}): {r}")
+        ends = np.flatnonzero(tokens == SEPARATOR) + 1  # each answer's end
+        for frac in (float(x) for x in args.fractions.split(",")):
+            part = tokens[:ends[max(1, int(len(ends) * frac)) - 1]]
+            for mp in (float(x) for x in args.min_prob.split(",")):
+                r = replay(answers, lookup, DraftCorpus(part, min_prob=mp))
+                print(f"{name}, lookups then corpus ({int((part >= 0).sum())} tokens, "
+                      f"min_prob {mp}): {r}", flush=True)
 
 
 if __name__ == "__main__":
