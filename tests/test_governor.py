@@ -156,3 +156,23 @@ def test_steps_that_ran_a_prefill_are_left_out():
         t, emitted = t + (0.06 if choice else 0.04), (3 if choice else 1)
     assert 1.8 < gov.paired_ratio(1) < 2.2  # counted, they gave 0.86
     assert gov.summary()["1"]["draft_steps"] > 300
+
+
+def test_a_bucket_left_unmeasured_takes_the_given_choice_and_rechecks_it():
+    # The self-draft back-off only sees steps the lookup back-off lets draft;
+    # where those are isolated, no step is ever timed (idle between calls).
+    def run(gov):
+        choices = []
+        for i in range(200):
+            choices.append(gov.decide(float(i), 12, 12))
+            gov.idle()
+        return choices
+
+    alternating = run(Governor(explore_every=16))
+    assert sum(alternating[100:]) == 50  # learning never ends: every second step
+
+    gov = Governor(explore_every=16, unmeasured=False)
+    choices = run(gov)
+    late = choices[100:]
+    assert 0 < sum(late) <= len(late) // 16 + 1  # off, re-checked every 16th step
+    assert gov.summary()["8-15"]["pairs"] == 0

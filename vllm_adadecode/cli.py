@@ -152,7 +152,8 @@ def cmd_bench(args) -> int:
     doc = H.run(model=model, methods=methods, datasets=datasets, concurrency=concurrency,
                 max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed,
                 max_model_len=args.max_model_len, temperature=args.temperature,
-                repeats=args.repeats, enforce_eager=args.enforce_eager, log_path=args.log)
+                repeats=args.repeats, enforce_eager=args.enforce_eager, log_path=args.log,
+                in_process=args.in_process)
     doc["settings"]["command"] = "vllm-adadecode bench " + " ".join(
         a if " " not in a and "{" not in a else repr(a) for a in args.argv[1:])
     print(H.format_table(doc))
@@ -418,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=2,
                    help="run the whole method list this many times (drift shows as a range)")
     b.add_argument("--enforce-eager", action="store_true")
+    b.add_argument("--in-process", action="store_true",
+                   help="run each engine's core in its benchmark process "
+                        "(VLLM_ENABLE_V1_MULTIPROCESSING=0), not in vLLM's separate engine "
+                        "process: steadier on two cores (docs/BENCHMARKS.md)")
     b.add_argument("--out", help="results JSON (schema in docs/BENCHMARKS.md)")
     b.add_argument("--plot", help="PNG: speedup and accepted tokens per step")
     b.add_argument("--log", default=_default_log("bench.log"),

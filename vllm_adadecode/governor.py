@@ -57,8 +57,12 @@ def bucket_name(b: int) -> str:
 class Governor:
     def __init__(self, explore_every: int = 16, window: int = 32, max_gap_s: float = 5.0,
                  max_explore_every: int = 64, settled_margin: float = 0.1,
-                 min_pairs: int = 12):
+                 min_pairs: int = 12, unmeasured: bool | None = None):
         self.explore_every = explore_every
+        # The choice in a bucket that its learning steps left unmeasured (no
+        # pair, no rate of one choice), re-checked like any decision; None
+        # keeps alternating until it is measured.
+        self.unmeasured = unmeasured
         self.max_explore_every = max(explore_every, max_explore_every)
         self.settled_margin = settled_margin
         # Per bucket: steps between re-checks, steps since the last one, and
@@ -144,6 +148,8 @@ class Governor:
         learning = (len(self.pairs.get(b, ())) < self.min_pairs
                     and self.steps[b] <= 4 * self.min_pairs)
         best = None if learning else self._best(b)
+        if best is None and not learning:
+            best = self.unmeasured
         if best is None:
             choice = not self._last_choice.get(b, False)  # learning: draft, plain, ...
         else:

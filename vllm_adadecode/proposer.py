@@ -91,9 +91,13 @@ class AdaDecodeProposer:
         self.per_request = os.environ.get("ADADECODE_STATS") == "1"
         self.governor = Governor() if self.config.adaptive else None
         # With both sources on, a second back-off decides, among steps that
-        # draft, whether early-exit self-drafts pay on top of lookups.
-        self.self_governor = (Governor() if self.config.adaptive and self.config.lookup
-                              and self.config.self_draft else None)
+        # draft, whether early-exit self-drafts pay on top of lookups. It sees
+        # only steps the first one lets draft; where those are too sparse to
+        # pair (batch sizes where lookups rarely draft), self-drafts stay off
+        # and are re-checked every explore_every steps, instead of every
+        # second drafting step trying them (docs/PERFORMANCE.md section 18).
+        self.self_governor = (Governor(unmeasured=False) if self.config.adaptive
+                              and self.config.lookup and self.config.self_draft else None)
         # Per-request lengths and early stop; with "adaptive": false every
         # request drafts all it can on every step.
         self.adapt = DraftAdaptation(self.config.lookup_tokens,

@@ -37,29 +37,29 @@ def exact_match(
     bonus_token_ids: torch.Tensor,  # [B, 1]: the token after the last draft
     max_spec_len: int,
 ) -> torch.Tensor:
-    """Tokens to emit per request, [B, max_spec_len + 1], padded with -1."""
-    B = len(num_draft_tokens)
-    out = torch.full((B, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
-    if B == 0:
-        return out
-    lengths = torch.as_tensor(list(num_draft_tokens), dtype=torch.int64)
-    S = max(1, max_spec_len)
-    draft = torch.full((B, S), PLACEHOLDER_TOKEN_ID, dtype=torch.int64)
-    target = torch.full((B, S), PLACEHOLDER_TOKEN_ID, dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(B), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    cols = torch.arange(len(rows)) - starts[rows]
-    draft[rows, cols] = draft_token_ids.to(torch.int64).cpu()
-    target[rows, cols] = target_token_ids.to(torch.int64).cpu()
-    accepted = accepted_lengths(draft, target, lengths)
-    # The full model's tokens up to and including the first mismatch (all of
-    # them when every draft holds), then the bonus token where every draft held.
-    n_target = torch.minimum(accepted + 1, lengths)
-    keep = torch.arange(S).unsqueeze(0) < n_target.unsqueeze(1)
-    out[:, :S] = torch.where(keep, target, PLACEHOLDER_TOKEN_ID).to(torch.int32)
-    full = (accepted == lengths).nonzero().squeeze(1)
-    bonus = bonus_token_ids.reshape(B).to(torch.int32).cpu()
-    out[full, lengths[full]] = bonus[full]
+    """Tokens to emit per request, [B, max_spec_len + 1], padded with -1.
+
+    One pass over Python lists: a step holds a few drafts per request, and
+    a dozen small tensor operations cost more than the comparison itself
+    (0.11 ms against 0.02 ms per step at batch 1, docs/PERFORMANCE.md section 18)."""
+    lengths = list(num_draft_tokens)
+    width = max_spec_len + 1
+    drafts = draft_token_ids.tolist()
+    targets = target_token_ids.tolist()
+    bonus = bonus_token_ids.reshape(-1).tolist()
+    rows = []
+    k = 0
+    for i, n in enumerate(lengths):
+        row = []
+        for j in range(k, k + n):
+            row.append(targets[j])  # the full model's token, kept or replacing the draft
+            if drafts[j] != targets[j]:
+                break
+        else:
+            row.append(bonus[i])  # every draft held (or none): the bonus token follows
+        k += n
+        rows.append(row + [PLACEHOLDER_TOKEN_ID] * (width - len(row)))
+    out = torch.tensor(rows, dtype=torch.int32).reshape(len(lengths), width)
     return out.to(bonus_token_ids.device)
 
 

@@ -139,8 +139,13 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         concurrency: list[int], max_tokens: int, dtype: str, seed: int, repeats: int,
         max_model_len: int | None = None, temperature: float = 0.0,
         enforce_eager: bool = False, log_path: str | None = None,
-        progress: bool = True) -> dict[str, Any]:
-    """Run every method ``repeats`` times; return the results document."""
+        progress: bool = True, in_process: bool = False) -> dict[str, Any]:
+    """Run every method ``repeats`` times; return the results document.
+
+    ``in_process``: each engine's core runs in its benchmark process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) instead of vLLM's separate engine
+    process; on two cores the separate front-end process competes with the
+    two OpenMP threads (docs/BENCHMARKS.md, "Engine process")."""
     from tqdm import tqdm
 
     from .worker import run_job
@@ -162,7 +167,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
                 temperature=temperature,
                 max_model_len=max_model_len or default_max_model_len(datasets),
                 enforce_eager=enforce_eager, speculative_config=m.speculative_config,
-                **(m.engine_args or {}),
+                in_process=in_process, **(m.engine_args or {}),
                 runs=[dict(prompts=[p.text for p in datasets[d]], concurrency=c,
                            progress=f"{m.label} {d} c={c}") for d, c in plan],
             )
@@ -176,7 +181,8 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
                          concurrency=concurrency, max_tokens=max_tokens, dtype=dtype, seed=seed,
                          temperature=temperature,
                          max_model_len=max_model_len or default_max_model_len(datasets),
-                         repeats=repeats, enforce_eager=enforce_eager,
+                         repeats=repeats, enforce_eager=enforce_eager, in_process=in_process,
+                         engine_core_client=raw[0][methods[0].label].get("engine_core_client"),
                          wall_s=round(time.time() - t_start, 1)),
         "methods": [asdict(m) for m in methods],
         "results": [],

@@ -310,8 +310,11 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
             "step_times": times,
             **acceptance_stats(counters, tokens),
         })
+    # InprocClient (engine core in this process) or SyncMPClient (its own process)
+    client = type(llm.llm_engine.engine_core).__name__
     del llm
-    return {"startup_s": startup, "runs": results, "peak_rss_mb": rss.stop() / 2**20}
+    return {"startup_s": startup, "runs": results, "peak_rss_mb": rss.stop() / 2**20,
+            "engine_core_client": client}
 
 
 def acceptance_stats(counters: dict, token_ids: list[list[int]]) -> dict[str, float]:
@@ -339,6 +342,8 @@ def run_job(job: dict[str, Any], *, log_path: str | None = None) -> dict[str, An
     env = runtime_env(tensor_parallel_size=job.get("tensor_parallel_size", 1))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("ADADECODE_STATS", "1")  # per-request drafter counters
+    if job.get("in_process"):
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     with tempfile.TemporaryDirectory() as d:
         job_file, out_file = Path(d) / "job.json", Path(d) / "out.json"
         job_file.write_text(json.dumps(job))
