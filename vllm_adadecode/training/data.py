@@ -135,12 +135,11 @@ def load_responses(path: Path) -> dict[str, tuple[list[int], list[int]]]:
 
 def append_responses(path: Path, texts: list[str], seqs) -> dict:
     new = {prompt_key(t): s for t, s in zip(texts, seqs)}
-    with open(path, "ab") as f:  # an earlier run cut short mid-line ends that line first
-        if f.tell() and path.read_bytes()[-1:] != b"\n":
-            f.write(b"\n")
-    with open(path, "a") as f:
+    with open(path, "ab+") as f:
+        if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+            f.write(b"\n")  # an earlier run cut short mid-line: end that line first
         for k, (p, r) in new.items():
-            f.write(json.dumps({"key": k, "prompt_ids": p, "response_ids": r}) + "\n")
+            f.write((json.dumps({"key": k, "prompt_ids": p, "response_ids": r}) + "\n").encode())
     return new
 
 
