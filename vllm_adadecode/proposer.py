@@ -324,7 +324,12 @@ class AdaDecodeProposer:
         go_self = self.config.self_draft
         n_active = sum(1 for s in sampled_token_ids if s)
         cap = self.config.disable_by_batch_size
-        if self.governor is None and cap is not None and n_active >= cap:
+        # The batch's size for disable_by_batch_size counts every request in
+        # it, prompts still prefilling too: a wave of new requests otherwise
+        # opens steps below the limit in which the back-off would try drafts
+        # next to a prefill (docs/PERFORMANCE.md section 18).
+        capped = cap is not None and batch.num_reqs >= cap
+        if self.governor is None and capped:
             return out
         if self.governor is not None:
             if not n_active:
@@ -340,7 +345,7 @@ class AdaDecodeProposer:
             measured = not joined and n_active == batch.num_reqs
             self._observe_step(now, measured)
             self._step_shape = (n_active, 0)  # until drafts are proposed
-            if cap is not None and n_active >= cap:
+            if capped:
                 # Too many requests to draft for (disable_by_batch_size): a
                 # plain step, outside the back-off's pairs.
                 self.governor.idle()
