@@ -25,23 +25,10 @@ import collections
 import json
 import time
 
-T: dict[str, float] = collections.defaultdict(float)
-N: collections.Counter = collections.Counter()
+# The timers of scripts/time_step.py (this folder is on sys.path when run as a script).
+from time_step import N, T, _timed
+
 PROPOSE: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
-
-
-def _timed(obj, name: str, key: str) -> None:
-    orig = getattr(obj, name)
-
-    def timed(*a, **k):
-        t = time.perf_counter()
-        try:
-            return orig(*a, **k)
-        finally:
-            T[key] += time.perf_counter() - t
-            N[key] += 1
-
-    setattr(obj, name, timed)
 
 
 RUNNER = ("_update_states", "_prepare_inputs", "_build_attention_metadata",
