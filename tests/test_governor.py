@@ -176,3 +176,28 @@ def test_a_bucket_left_unmeasured_takes_the_given_choice_and_rechecks_it():
     late = choices[100:]
     assert 0 < sum(late) <= len(late) // 16 + 1  # off, re-checked every 16th step
     assert gov.summary()["8-15"]["pairs"] == 0
+
+
+def test_without_learning_a_bucket_starts_from_its_default_and_pairs_its_rechecks():
+    # Drafting loses: no learning alternation, only a re-check every 16th step.
+    gov = Governor(explore_every=16, unmeasured=False, learn=False)
+    choices, _ = simulate(gov, 400, 16, {True: 0.4, False: 0.2}, {True: 13, False: 10})
+    assert sum(choices[:48]) <= 3  # learning would have drafted on 24 of these
+    s = gov.summary()["16-31"]
+    assert s["pairs"] >= 12 and s["paired_ratio"] < 0.9
+    assert s["recheck_every"] > 16  # decided by its pairs: re-checks spread out
+
+    # Drafting pays: off until the re-checks' pairs say so, then on.
+    gov = Governor(explore_every=16, unmeasured=False, learn=False)
+    choices, _ = simulate(gov, 400, 1, {True: 0.06, False: 0.04}, {True: 2, False: 1})
+    first_on = next(i for i in range(len(choices) - 1) if choices[i] and choices[i + 1])
+    assert 12 * 16 <= first_on <= 12 * 17 + 1
+    late = choices[first_on:]
+    assert sum(late) / len(late) > 0.9
+
+
+def test_a_governor_without_learning_needs_a_default():
+    import pytest
+
+    with pytest.raises(ValueError, match="unmeasured"):
+        Governor(learn=False)

@@ -130,6 +130,36 @@ def test_no_drafts_at_or_above_disable_by_batch_size(engine, tiny_llama):
     assert sum(engine(**job, speculative_config=spec)["drafter"]["drafted_by_source"].values())
 
 
+def test_disable_by_batch_size_counts_requests_still_prefilling(engine, tiny_llama, tmp_path,
+                                                                 monkeypatch):
+    """Two requests, the second a long prompt prefilled in chunks while the
+    first decodes: one request samples, two are in the batch. With the limit
+    at 2 no such step drafts (the first request drafts only once the second is
+    gone, or never); with the limit at 3 the same steps draft, so the case
+    occurs. The drafter's step log says, per drafting call, how many requests
+    sampled (``batch``) and how many the batch held (``reqs``)."""
+    import json
+
+    long_prompt = " ".join([PASSAGE] * 8)
+    job = dict(model=tiny_llama, prompts=["Say something.", long_prompt], max_tokens=24,
+               concurrency=2, max_num_batched_tokens=32, raw_prompts=True)
+    van = engine(**job)
+    logs = {}
+    for cap in (2, 3):
+        logs[cap] = tmp_path / f"steps-{cap}.jsonl"
+        monkeypatch.setenv("ADADECODE_STEP_LOG", str(logs[cap]))
+        res = engine(**job, speculative_config={**TINY_SPEC, "disable_by_batch_size": cap})
+        assert res["token_ids"] == van["token_ids"]
+    steps = {cap: [json.loads(x) for x in path.read_text().splitlines()]
+             for cap, path in logs.items()}
+    beside_prefill = {cap: [s for s in lines if s["batch"] < s["reqs"]
+                            and s["lookup"] + s["exit"] > 0]
+                      for cap, lines in steps.items()}
+    assert beside_prefill[3]  # drafts while the long prompt prefills, limit 3
+    assert all(s["reqs"] < 2 for s in steps[2])  # limit 2: no call with 2 requests drafts
+    assert not beside_prefill[2]
+
+
 def _tiny_cache_job(tiny_llama):
     """The same three prompts twice, one at a time, and lookups with the cache."""
     from .test_engine import PROMPTS8

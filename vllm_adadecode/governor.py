@@ -57,8 +57,15 @@ def bucket_name(b: int) -> str:
 class Governor:
     def __init__(self, explore_every: int = 16, window: int = 32, max_gap_s: float = 5.0,
                  max_explore_every: int = 64, settled_margin: float = 0.1,
-                 min_pairs: int = 12, unmeasured: bool | None = None):
+                 min_pairs: int = 12, unmeasured: bool | None = None, learn: bool = True):
         self.explore_every = explore_every
+        # False: no learning alternation. A bucket takes ``unmeasured`` until
+        # its re-checks (one step of the other choice every explore_every
+        # steps, each paired with the step before it, at the base rate until
+        # then) have given min_pairs pairs; then the pairs decide.
+        self.learn = learn
+        if not learn and unmeasured is None:
+            raise ValueError("a Governor that does not learn needs an 'unmeasured' choice")
         # The choice in a bucket that its learning steps left unmeasured (no
         # pair, no rate of one choice), re-checked like any decision; None
         # keeps alternating until it is measured.
@@ -145,11 +152,16 @@ class Governor:
                 self._prev = None
         b = self.bucket(batch_size)
         self.steps[b] += 1
-        learning = (len(self.pairs.get(b, ())) < self.min_pairs
-                    and self.steps[b] <= 4 * self.min_pairs)
-        best = None if learning else self._best(b)
-        if best is None and not learning:
+        few_pairs = len(self.pairs.get(b, ())) < self.min_pairs
+        learning = self.learn and few_pairs and self.steps[b] <= 4 * self.min_pairs
+        if learning:
+            best = None
+        elif not self.learn and few_pairs:
             best = self.unmeasured
+        else:
+            best = self._best(b)
+            if best is None:
+                best = self.unmeasured
         if best is None:
             choice = not self._last_choice.get(b, False)  # learning: draft, plain, ...
         else:
@@ -171,6 +183,8 @@ class Governor:
         self._since[b] = 0
         ratio = self.paired_ratio(b)
         settled = ratio is not None and abs(ratio - 1.0) >= self.settled_margin
+        if not self.learn and len(self.pairs.get(b, ())) < self.min_pairs:
+            settled = False  # its pairs come from re-checks: keep them coming
         self.interval[b] = (min(2 * self.interval[b], self.max_explore_every) if settled
                             else self.explore_every)
         return not best

@@ -92,11 +92,13 @@ class AdaDecodeProposer:
         self.governor = Governor() if self.config.adaptive else None
         # With both sources on, a second back-off decides, among steps that
         # draft, whether early-exit self-drafts pay on top of lookups. It sees
-        # only steps the first one lets draft; where those are too sparse to
-        # pair (batch sizes where lookups rarely draft), self-drafts stay off
-        # and are re-checked every explore_every steps, instead of every
-        # second drafting step trying them (docs/PERFORMANCE.md section 18).
-        self.self_governor = (Governor(unmeasured=False) if self.config.adaptive
+        # only steps the first one lets draft. Self-drafts start off in every
+        # batch-size bucket and are re-checked every explore_every steps; the
+        # pairs those re-checks give decide once there are enough, without a
+        # learning phase that tries them on every second drafting step (an
+        # attempt costs several plain steps' worth at 12-16 requests;
+        # docs/PERFORMANCE.md sections 18 and 19).
+        self.self_governor = (Governor(unmeasured=False, learn=False) if self.config.adaptive
                               and self.config.lookup and self.config.self_draft else None)
         # Per-request lengths and early stop; with "adaptive": false every
         # request drafts all it can on every step.
@@ -395,7 +397,7 @@ class AdaDecodeProposer:
             drafting = [d for d in exited if len(d.drafted) < d.budget]
         self._step_shape = (n_active, sum(len(d.drafted) for d in requests))
         if self._step_log is not None:
-            self._log_step(n_active, sampled_token_ids, requests, joined)
+            self._log_step(n_active, batch.num_reqs, sampled_token_ids, requests, joined)
         for d in requests:
             out[d.row] = d.drafted
             if d.drafted:
@@ -422,15 +424,17 @@ class AdaDecodeProposer:
                                                      len(d.drafted))
         return out
 
-    def _log_step(self, n_active: int, sampled_token_ids, requests: list[_Draft],
-                  joined: bool) -> None:
-        """One JSON line per drafter call (``ADADECODE_STEP_LOG``, for
-        profiling): when, the batch, the tokens the step just emitted, whether a
-        prefill ran in it, and the draft rows proposed for the next step."""
+    def _log_step(self, n_active: int, num_reqs: int, sampled_token_ids,
+                  requests: list[_Draft], joined: bool) -> None:
+        """One JSON line per drafter call that reaches drafting
+        (``ADADECODE_STEP_LOG``, for profiling): when, the requests that sampled
+        (``batch``) and all requests in the batch, prompts still prefilling
+        too (``reqs``), the tokens the step just emitted, whether a request
+        joined, and the draft rows proposed for the next step."""
         import json
 
         self._step_log.write(json.dumps({
-            "t": time.perf_counter(), "batch": n_active,
+            "t": time.perf_counter(), "batch": n_active, "reqs": num_reqs,
             "emitted": sum(len(x) for x in sampled_token_ids), "joined": joined,
             "lookup": sum(d.n_lookup for d in requests),
             "exit": sum(len(d.drafted) - d.n_lookup for d in requests)}) + "\n")
