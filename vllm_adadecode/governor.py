@@ -30,6 +30,13 @@ loses while the total gains (docs/PERFORMANCE.md section 9, attempt 3).
 A step is labelled by what it did (``drafted``): a step allowed to draft in
 which no request had a draft is a plain step.
 
+A governor built with ``learn=False`` (the self-draft back-off) has no
+learning phase: each bucket starts from its ``unmeasured`` choice and re-checks
+the other one every ``explore_every`` steps; each re-check, paired with the
+step before it, adds a pair, and once a bucket holds ``min_pairs`` pairs they
+decide as above. A choice that is usually wrong then costs one step in
+``explore_every`` while a fresh engine learns, instead of every second step.
+
 Re-checks cost: where drafting loses by 20%, re-checking every 16th step costs
 about 1.5% of decoding. A re-check that finds the paired ratio clearly away
 from 1 (by ``settled_margin`` or more) doubles the bucket's interval, up to

@@ -96,7 +96,7 @@ class AdaDecodeProposer:
         # batch-size bucket and are re-checked every explore_every steps; the
         # pairs those re-checks give decide once there are enough, without a
         # learning phase that tries them on every second drafting step (an
-        # attempt costs several plain steps' worth at 12-16 requests;
+        # attempt at 12-15 requests costs a sixth to a quarter of a step;
         # docs/PERFORMANCE.md sections 18 and 19).
         self.self_governor = (Governor(unmeasured=False, learn=False) if self.config.adaptive
                               and self.config.lookup and self.config.self_draft else None)
