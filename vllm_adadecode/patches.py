@@ -565,10 +565,11 @@ def keyed_sampling_supported() -> bool:
 
     if not current_platform.is_cpu():
         return False
-    try:
-        import vllm._C  # noqa: F401  (registers vLLM's CPU kernels)
-    except ImportError:
-        return False
+    # vLLM's own loader picks the kernel library this CPU runs (_C, _C_AVX512
+    # or _C_AVX2); importing vllm._C by name would load a second library that
+    # registers the same operators, which aborts the process on CPUs without
+    # AVX512-BF16.
+    current_platform.import_kernels()
     return hasattr(torch.ops._C, "fused_gumbel_argmax")
 
 
