@@ -1,4 +1,6 @@
-.PHONY: setup demo test
+.PHONY: setup demo test test-full test-fast
+
+PYTEST = .venv/bin/python -m pytest tests -v --durations=20
 
 setup:
 	bash scripts/setup.sh
@@ -6,5 +8,14 @@ setup:
 demo: setup
 	.venv/bin/vllm-adadecode demo
 
+# The default suite (CI): about 20 minutes on a 2-core machine, set-up included.
 test: setup
-	.venv/bin/python -m pytest tests -v --durations=40
+	$(PYTEST)
+
+# The long tier: full-size soak, training and real-model parity sweeps.
+test-full: setup
+	$(PYTEST) --full -m full
+
+# Developers' loop: every test that starts no vLLM engine (about 2 minutes).
+test-fast: setup
+	$(PYTEST) -m "not engine"

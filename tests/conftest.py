@@ -6,9 +6,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the long tier (tests marked full: full-size soaks, "
+                          "trainings and real-model parity sweeps); `make test-full`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``full`` run only with --full (the default suite leaves them
+    out, and says how many)."""
+    if config.getoption("--full"):
+        return
+    full = [it for it in items if it.get_closest_marker("full")]
+    if full:
+        config.hook.pytest_deselected(items=full)
+        items[:] = [it for it in items if not it.get_closest_marker("full")]
+
+
+@pytest.fixture(autouse=True)
+def _engine_tests_are_marked(request):
+    """A test that uses the engine fixture must be marked ``engine``, so that
+    ``-m "not engine"`` starts none."""
+    if "engine" in request.fixturenames and not request.node.get_closest_marker("engine"):
+        pytest.fail(f"{request.node.nodeid} starts vLLM engines but is not marked engine")
 
 
 @pytest.fixture(scope="session")
@@ -60,21 +86,69 @@ def tiny_llama(tmp_path_factory, smollm2) -> str:
 
 
 class EngineRuns:
-    """Memoised engine jobs: the same job runs once per session."""
+    """Memoised engine jobs: the same job runs once per session.
+
+    Eager single-process jobs run one after another in one job host (vLLM
+    imported once, each job its own engine with its core in the host process);
+    jobs with tensor parallelism, Ray or torch.compile run in a fresh child
+    process, as ``vllm_adadecode.bench.worker.run_job`` always does, with the
+    engine core in that process; ``fresh_process=True`` gives a job vLLM's
+    own layout (a fresh process, the engine core in a process of its own)."""
 
     def __init__(self, log: Path):
+        from vllm_adadecode.bench.worker import JobHost
+
         self.log = log
+        self.host = JobHost(log_path=str(log))
         self._cache: dict[str, dict] = {}
+        self.times: list[tuple] = []
+        self.retried: list[str] = []
 
     def __call__(self, **job) -> dict:
         from vllm_adadecode.bench.worker import run_job
 
         key = json.dumps(job, sort_keys=True)
         if key not in self._cache:
+            t0 = time.perf_counter()
             job.setdefault("enforce_eager", True)
             job.setdefault("progress", False)
-            self._cache[key] = run_job(job, log_path=str(self.log))
+            fresh = job.pop("fresh_process", False)
+            if not fresh:  # the engine core in the job's own process: one process less
+                job.setdefault("in_process", True)
+            if self.host.accepts(job) and not fresh:
+                try:
+                    self._cache[key] = self.host.run(job)
+                except RuntimeError:
+                    # The job again, in a fresh process: a failure that is the
+                    # job's (not the shared process's) fails the test there.
+                    self._cache[key] = run_job(job, log_path=str(self.log))
+                    self.retried.append(_describe(job))
+            else:  # (the host is idle meanwhile: no engine alive in it)
+                self._cache[key] = run_job(job, log_path=str(self.log))
+            res = self._cache[key]
+            self.times.append((time.perf_counter() - t0, res.get("startup_s", 0.0),
+                               res.get("elapsed_s", 0.0), _describe(job)))
         return self._cache[key]
+
+    def report(self) -> str:
+        total = sum(t[0] for t in self.times)
+        lines = [f"{len(self.times)} engine jobs, {total:.0f} s in all "
+                 f"(wall / engine start / generate, seconds; slowest first):"]
+        for wall, start, gen, what in sorted(self.times, reverse=True)[:20]:
+            lines.append(f"  {wall:6.1f} {start:6.1f} {gen:6.1f}  {what}")
+        for what in self.retried:
+            lines.append(f"  failed in the job host, passed in a fresh process: {what}")
+        return "\n".join(lines)
+
+
+def _describe(job: dict) -> str:
+    spec = job.get("speculative_config")
+    parts = [Path(job["model"]).name, f"{len(job['prompts'])}x{job.get('max_tokens')}",
+             "vanilla" if not spec else "adadecode" + json.dumps(
+                 {k: v for k, v in spec.items() if k != "method"}, separators=(",", ":"))]
+    parts += [f"{k}={job[k]}" for k in ("tensor_parallel_size", "enforce_eager", "sampling")
+              if k in job and job[k] not in (1, True)][:2]
+    return " ".join(parts)[:160]
 
 
 @pytest.fixture(scope="session")
@@ -82,5 +156,19 @@ def engine(tmp_path_factory) -> EngineRuns:
     log = tmp_path_factory.mktemp("logs") / "engines.log"
     runs = EngineRuns(log)
     yield runs
-    if os.environ.get("CI") and log.exists():
-        print(f"\n[engine log: {log}]\n" + log.read_text()[-4000:])
+    runs.host.close()
+    _SESSION["engine"] = runs
+
+
+_SESSION: dict = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The engine jobs' times, and in CI the end of the engines' log."""
+    runs = _SESSION.get("engine")
+    if runs is None:
+        return
+    terminalreporter.write_sep("=", "engine jobs")
+    terminalreporter.write_line(runs.report())
+    if os.environ.get("CI") and runs.log.exists():
+        terminalreporter.write_line(f"[engine log: {runs.log}]\n" + runs.log.read_text()[-4000:])

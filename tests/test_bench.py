@@ -39,6 +39,7 @@ def bench_run(tmp_path_factory, tiny_llama, smollm2):
     return json.loads(out.read_text()), proc.stdout, png
 
 
+@pytest.mark.engine
 def test_bench_json_has_every_field(bench_run):
     doc, stdout, png = bench_run
     assert doc["schema"] == H.SCHEMA
@@ -75,6 +76,7 @@ def test_bench_json_has_every_field(bench_run):
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.engine
 def test_draft_sources_match_vllm_draft_counters(bench_run):
     doc, stdout, _ = bench_run
     for r in doc["results"]:

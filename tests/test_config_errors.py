@@ -31,6 +31,8 @@ def _start(model, spec, **kw):
         ({"exit_layers": [2, 2]}, r"'exit_layers' must be strictly increasing"),
         ({"num_speculative_tokens": 0}, r"'num_speculative_tokens' must be an integer >= 1"),
         ({"adaptive": "yes"}, r"'adaptive' must be true or false"),
+        ({"deferred": "no"}, r"'deferred' must be true or false"),
+        ({"deferred": 1}, r"'deferred' must be true or false"),
         ({"shortlist": 1}, r"'shortlist' must be true or false"),
         ({"lookup": "on"}, r"'lookup' must be true or false"),
         ({"lookup_cache": None}, r"'lookup_cache' must be true or false"),
@@ -210,3 +212,40 @@ def test_heads_design_the_engine_does_not_run_is_refused(tiny_llama, tmp_path, d
         (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdaDecodeConfigError, match=message):
         _start(tiny_llama, {"method": "adadecode", "model": str(tmp_path)})
+
+
+def _resolved(model, spec, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, speculative_config=spec, **kw) \
+        .create_engine_config().additional_config["adadecode"]
+
+
+def test_speculative_config_wins_over_additional_config(tiny_llama):
+    """A key given in both places takes the speculative config's value; keys
+    only in additional_config['adadecode'] are kept."""
+    ada = _resolved(tiny_llama, {"method": "adadecode", "threshold": 0.3},
+                    additional_config={"adadecode": {"threshold": 0.7, "lookup": False}})
+    assert ada["threshold"] == 0.3
+    assert ada["lookup"] is False
+    assert _resolved(tiny_llama, {"method": "adadecode"},
+                     additional_config={"adadecode": {"threshold": 0.7}})["threshold"] == 0.7
+
+
+def test_disable_by_batch_size_null_means_never_and_shortlist_false_is_kept(tiny_llama):
+    ada = _resolved(tiny_llama, {"method": "adadecode", "disable_by_batch_size": None,
+                                 "shortlist": False})
+    assert ada["disable_by_batch_size"] is None
+    assert ada["shortlist"] is False
+    assert _resolved(tiny_llama, {"method": "adadecode"})["disable_by_batch_size"] == 16
+
+
+def test_ray_cpu_platform_plugin_is_off_without_its_variable(monkeypatch):
+    from vllm_adadecode import raycpu
+
+    monkeypatch.delenv(raycpu.ENV, raising=False)
+    assert raycpu.platform_plugin() is None
+    monkeypatch.setenv(raycpu.ENV, "0")
+    assert raycpu.platform_plugin() is None
+    monkeypatch.setenv(raycpu.ENV, "1")
+    assert raycpu.platform_plugin() == raycpu.PLATFORM  # this is a CPU build

@@ -83,3 +83,20 @@ def test_file_round_trips_and_bad_files_are_refused(tmp_path):
     path.write_bytes(b"\0" * 64)
     with pytest.raises(CorpusError, match="not a readable safetensors file"):
         load_corpus_tokens(tmp_path)
+
+
+def test_a_corpus_over_the_size_cap_is_refused_before_it_is_read(tmp_path):
+    """MAX_CORPUS_TOKENS int32 tokens (plus a header allowance) is the cap: a
+    larger file is refused by its size alone (a sparse file: nothing is read)."""
+    from vllm_adadecode.drafts.corpus import MAX_CORPUS_TOKENS
+
+    limit = MAX_CORPUS_TOKENS * 4 + 1024 * 1024
+    path = tmp_path / CORPUS_FILE
+    with open(path, "wb") as f:
+        f.truncate(limit + 1)
+    with pytest.raises(CorpusError, match=f"over the {limit}-byte limit"):
+        load_corpus_tokens(tmp_path)
+    with open(path, "wb") as f:  # at the cap: read, and refused for its content instead
+        f.truncate(limit)
+    with pytest.raises(CorpusError, match="not a readable safetensors file"):
+        load_corpus_tokens(tmp_path)

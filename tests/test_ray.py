@@ -125,22 +125,29 @@ def test_served_over_ray_answers_then_fails_clearly_when_a_worker_dies(
         assert counters["vllm:spec_decode_num_drafts_total"] > 0
         assert counters["vllm:spec_decode_num_draft_tokens_total"] > 0
 
-        outcome: dict = {}
+        outcome: dict = {"chunks": []}
+        streaming = threading.Event()
 
         def stream():
             try:
                 chunks = client.completions.create(
                     model=model, prompt="Once upon a time", max_tokens=1500, temperature=0.0,
                     stream=True, extra_body={"ignore_eos": True})
-                outcome["tokens"] = sum(1 for _ in chunks)
+                for _ in chunks:
+                    outcome["chunks"].append(time.time())
+                    streaming.set()
                 outcome["result"] = "completed"
             except Exception as e:  # the failure this test wants to see
                 outcome["result"] = f"{type(e).__name__}: {e}"
+                outcome["error"] = e
             outcome["end"] = time.time()
+            streaming.set()
 
         t = threading.Thread(target=stream, daemon=True)
         t.start()
-        time.sleep(3)  # the request is streaming
+        assert streaming.wait(120), "no token streamed within 2 minutes"
+        time.sleep(1)
+        assert "result" not in outcome, f"the stream ended before the kill: {outcome}"
         workers = [p for p in _ray_processes()
                    if "RayWorkerProc" in " ".join(p.cmdline() or [p.name()])]
         assert workers, "no Ray worker process found"
@@ -149,6 +156,17 @@ def test_served_over_ray_answers_then_fails_clearly_when_a_worker_dies(
         t.join(120)
         assert not t.is_alive(), "the in-flight request hung after a Ray worker died"
         assert outcome["result"] != "completed", outcome
+        # Tokens arrived before the kill, and the stream broke after it: the
+        # failure is the kill's, not an earlier one.
+        before = [c for c in outcome["chunks"] if c < killed]
+        assert len(before) >= 2, outcome["result"]
+        assert outcome["end"] >= killed
+        import httpx
+        import openai
+
+        # the server's error event, or the connection dropped as the server went down
+        assert isinstance(outcome["error"], (openai.APIError, httpx.HTTPError)), \
+            outcome["result"]
         try:
             code = proc.wait(180)
         except subprocess.TimeoutExpired:

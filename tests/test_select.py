@@ -40,3 +40,31 @@ def test_confident_but_wrong_drafts_lose_and_choose_prefers_right_layers():
     assert wrong["tokens_per_step"] == 1.0 and wrong["speedup"] < 1.0
     best = choose(conf, right, seq, [5, 12], num_layers=L, cost=COST)["best"]
     assert best["exit_layers"] == [12] and best["speedup"] > 1.0
+
+
+def _row(design, depth, speedup):
+    return {"design": design, "depth": depth, "predicted": {"humaneval": {"speedup": speedup}}}
+
+
+@pytest.mark.parametrize("best, passes", [(1.0, False), (1.099, False), (1.1, True),
+                                          (1.101, True), (1.5, True)])
+def test_compare_heads_gate_needs_a_10_percent_margin(best, passes):
+    """The gate passes a design only if its best predicted speedup beats the
+    shipped heads' best by the margin: just under and just over 10%."""
+    from vllm_adadecode.training.compare import _gate
+
+    rows = [_row("shipped", 3, 0.9), _row("shipped", 5, 1.0),  # the bar: the best, 1.0
+            _row("identity", 2, 2.0),  # identity heads are never judged
+            _row("mlp", 2, best), _row("mlp", 4, 0.5)]
+    gate = _gate(rows, 0.10)["gate"]
+    assert gate["shipped"] == {"humaneval": 1.0}
+    assert gate["best"]["mlp"]["humaneval"]["speedup"] == best
+    assert gate["passed"] == (["mlp"] if passes else [])
+    assert ("mlp beat" in gate["finding"]) == passes
+
+
+def test_compare_heads_gate_without_shipped_heads_is_not_applied():
+    from vllm_adadecode.training.compare import _gate
+
+    gate = _gate([_row("mlp", 2, 3.0)], 0.10)["gate"]
+    assert gate["passed"] == [] and "not applied" in gate["finding"]

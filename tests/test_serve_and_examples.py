@@ -12,7 +12,6 @@ import pytest
 
 from .serving import ROOT, serve, stop
 
-pytestmark = pytest.mark.engine
 # Exit at the last layer: every draft is right, so the accepted counter must move.
 LAST_LAYER = {"method": "adadecode", "exit_layers": [29], "threshold": 0.05}
 
@@ -28,6 +27,7 @@ def heads_dir(smollm2, tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("form", ["speculative-config", "spec-model"])
 def test_vllm_serve_answers_through_openai_client(form, heads_dir, tmp_path):
     args = (["--speculative-config", json.dumps(LAST_LAYER)] if form == "speculative-config"
@@ -96,6 +96,7 @@ def test_malformed_speculative_config_json_is_refused_at_start(tmp_path):
     assert "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.engine
 def test_offline_example(tmp_path):
     res = subprocess.run(
         [sys.executable, str(ROOT / "examples/offline.py"), "--enforce-eager",

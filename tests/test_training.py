@@ -11,6 +11,8 @@ import torch
 
 from vllm_adadecode.heads import ExitHeads, base_model_fingerprint
 
+pytestmark = pytest.mark.engine  # the trained fixture generates its data with vLLM
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory):

@@ -36,7 +36,11 @@ def _non_negative(s: str) -> int:
 def cmd_model_path(args) -> int:
     from .models import packaged_model_dir
 
-    print(packaged_model_dir(args.name))
+    try:
+        print(packaged_model_dir(args.name))
+    except (ValueError, RuntimeError) as e:  # unknown name, package not installed
+        print(f"vllm-adadecode model-path: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

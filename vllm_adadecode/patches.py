@@ -167,6 +167,8 @@ def install_engine_hooks() -> None:
         num_lookahead_tokens._adadecode = True
         VllmConfig.num_lookahead_tokens = property(num_lookahead_tokens, doc=prop.__doc__)
 
+    _register_cpu_kernel_overrides_once()
+
     # The drafter hooks into the V1 model runner (GPUModelRunner and the CPU
     # runner that subclasses it); GPU engines would otherwise prefer V2.
     prop = VllmConfig.__dict__["use_v2_model_runner"]
@@ -252,6 +254,30 @@ def install_engine_hooks() -> None:
 # Runner methods timed, and the part of a step each one is.
 _TIMED = (("execute_model", "execute"), ("sample_tokens", "sample_and_draft"),
           ("_model_forward", "forward"), ("propose_draft_token_ids", "drafting"))
+
+
+def _register_cpu_kernel_overrides_once() -> None:
+    """vLLM 0.32's CPU worker registers its Triton kernel overrides at every
+    engine start, rebinding them by a scan of every loaded module. Once numba
+    is loaded (the lookup drafts' matcher), llvmlite's ``ffi.lib`` answers
+    ``__dict__`` with a C-function wrapper and the scan raises, so a second
+    engine in the same process (``LLM(...)`` after ``del llm``) could not
+    start. The overrides stay in place for the life of the process: the first
+    registration is kept and later ones are skipped."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    reg = CpuPlatform.__dict__.get("register_triton_kernel_overrides")
+    if not isinstance(reg, classmethod) or getattr(reg.__func__, "_adadecode", False):
+        return
+    original, done = reg.__func__, []
+
+    def register_triton_kernel_overrides(cls) -> None:
+        if not done:
+            original(cls)
+            done.append(True)
+
+    register_triton_kernel_overrides._adadecode = True
+    CpuPlatform.register_triton_kernel_overrides = classmethod(register_triton_kernel_overrides)
 
 
 def step_times(runner, reset: bool = True) -> dict:

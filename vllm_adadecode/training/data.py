@@ -98,7 +98,7 @@ def generate(model_dir: str, prompts: list[Prompt], *, max_tokens: int, concurre
     res = run_job(
         dict(model=model_dir, prompts=[p.text for p in prompts], max_tokens=max_tokens,
              concurrency=concurrency, seed=seed, dtype="float32", return_prompt_ids=True,
-             warmup=False),
+             warmup=False, in_process=True),  # one engine: its core needs no process
         log_path=log_path,
     )
     return list(zip(res["prompt_token_ids"], res["token_ids"]))
