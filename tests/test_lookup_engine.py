@@ -46,6 +46,9 @@ def test_lookup_only_drafts_kept_and_rejected_identical_to_vanilla(engine, smoll
     assert set(drafted) == {"lookup"}  # no self-drafts, no cache
     assert 0 < accepted["lookup"] < drafted["lookup"]  # kept and rejected
     assert look["spec"]["num_accepted_tokens"] == accepted["lookup"]
+    # Measured 1.49 tokens per step (deterministic: greedy, no back-off). 1.3
+    # leaves 13%: a matcher change that loses a seventh of the accepted lookup
+    # tokens fails here.
     assert look["tokens_per_step"] > 1.3
     assert d["draft_layer_evals"] == 0  # lookups run no layers in drafting
 

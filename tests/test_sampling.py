@@ -168,6 +168,8 @@ def test_smollm2_sampled_lookup_drafts_identical_with_drafting_off(engine, smoll
     d = on["drafter"]
     assert 0 < d["accepted_by_source"]["lookup"] < d["drafted_by_source"]["lookup"]
     assert d["accepted_by_sampling"]["sampled"] == on["spec"]["num_accepted_tokens"]
+    # Measured 1.85 tokens per step (seeded, position-keyed: the same on every
+    # run). 1.2 leaves a 35% margin; the check is that sampled lookups pay.
     assert on["tokens_per_step"] > 1.2
     assert not any(off["drafter"]["drafted_by_sampling"].values())
 

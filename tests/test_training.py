@@ -92,6 +92,9 @@ def test_feature_extraction_matches_the_models_own_logits(trained, tiny_llama):
     assert torch.allclose(head.final_logits(seqs_first.final), logits, atol=1e-4)
     # and its greedy choices are the response vLLM generated (fp32 HF vs vLLM)
     agree = (logits.argmax(-1) == torch.tensor(response)).float().mean().item()
+    # Measured 1.000: fp32 Hugging Face and fp32 vLLM pick the same token at
+    # every position of this response. 0.9 allows a few near-ties to flip (a
+    # different matmul order) while any real mismatch of features fails.
     assert agree > 0.9, agree
 
 
@@ -192,8 +195,10 @@ def test_each_design_lowers_held_out_kl_and_reloads_bit_identical(design_feats, 
     from vllm_adadecode.training.train import train_design
 
     head, train, held = design_feats
-    p = train_design(head, train, 2, DESIGNS[design], epochs=4, batch=128, lr=2e-3, seed=3)
-    again = train_design(head, train, 2, DESIGNS[design], epochs=4, batch=128, lr=2e-3, seed=3)
+    # 2 epochs (CI size, seeded: the same every run): each design's held-out KL
+    # measured 0.927-0.937 of identity's, under the 0.98 bound
+    p = train_design(head, train, 2, DESIGNS[design], epochs=2, batch=128, lr=2e-3, seed=3)
+    again = train_design(head, train, 2, DESIGNS[design], epochs=2, batch=128, lr=2e-3, seed=3)
     assert all(torch.equal(p[k], again[k]) for k in p)  # seeded
     transform = p.pop("transform")
     identity = exit_stats(head, held, {2: None})[2]["kl"].mean()
@@ -217,7 +222,7 @@ def test_compare_heads_judges_every_design_and_applies_the_gate(trained, tiny_ll
         [sys.executable, "-m", "vllm_adadecode.cli", "compare-heads", "--model", tiny_llama,
          "--heads", str(out), "--depths", "0,2", "--data", "humaneval,mtbench",
          "--num-prompts", "40", "--max-tokens", "48", "--eval-data", "humaneval,mtbench",
-         "--eval-num-prompts", "8", "--eval-max-tokens", "24", "--epochs", "3",
+         "--eval-num-prompts", "8", "--eval-max-tokens", "24", "--epochs", "2",
          "--batch", "128", "--train-vocab", "0", "--work-dir", str(work),
          "--out-json", str(js), "--out-png", str(png), "--log", str(tmp_path / "engine.log")],
         capture_output=True, text=True, timeout=900,
