@@ -29,7 +29,6 @@ def bench_run(tmp_path_factory, tiny_llama, smollm2):
     cmd = [sys.executable, "-m", "vllm_adadecode.cli", "bench", "--model", tiny_llama,
            "--prompts", str(prompts), "--max-tokens", "16", "--concurrency", "1,2",
            "--repeats", "1", "--enforce-eager", "--in-process", "--draft-model", str(draft),
-           "--method", "adadecode",
            # drafting on every step (no back-off) at a low threshold: kept and rejected drafts
            "--method", 'adadecode={"exit_layers": [1, 3, 5], "threshold": 0.005, "adaptive": false}',
            "--method", "ngram", "--out", str(out), "--plot", str(png),
@@ -45,7 +44,7 @@ def test_bench_json_has_every_field(bench_run):
     assert doc["schema"] == H.SCHEMA
     labels = [m["label"] for m in doc["methods"]]
     low_label = "adadecode[exit_layers=[1,3,5],threshold=0.005,adaptive=false]"
-    assert labels == ["vanilla", "adadecode", low_label, "ngram", "draft_model"]
+    assert labels == ["vanilla", low_label, "ngram", "draft_model"]
     assert doc["settings"]["concurrency"] == [1, 2] and doc["settings"]["max_tokens"] == 16
     # --in-process: vLLM's in-process engine-core client, not its engine process
     assert doc["settings"]["in_process"] is True
@@ -155,6 +154,8 @@ def test_speedup_divides_by_the_faster_plain_configuration():
     assert [x["baseline"] for x in ngram["repeats"]] == ["vanilla[async_scheduling=false]",
                                                          "vanilla"]
     assert recs[0]["repeats"][0]["speedup"] == pytest.approx(10 / 12)
+    m = H.parse_method("adadecode")  # bare: the default settings
+    assert (m.label, m.kind) == ("adadecode", "adadecode")
     m = H.parse_method('vanilla={"async_scheduling": false}')
     assert m.kind == "vanilla" and m.engine_args == {"async_scheduling": False}
     m = H.parse_method('vanilla={"label": "vanilla-last"}')

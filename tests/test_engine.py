@@ -85,44 +85,29 @@ def test_greedy_rows_with_logits_processing_identical_to_vanilla(engine, tiny_ll
     assert 0 < spec["num_accepted_tokens"] < spec["num_draft_tokens"]
 
 
-def test_engines_one_after_another_in_one_process(tiny_llama, tmp_path):
+def test_engines_one_after_another_in_one_process(engine, tiny_llama):
     """``LLM(...)``, ``del``, ``LLM(...)`` in one process: a second engine starts
     after a first one drafted from lookups (which loads numba), and a third
     after it; each gives vanilla's tokens. (vLLM 0.32's CPU worker could not
     start a second engine once numba was loaded; the plugin registers vLLM's
     CPU kernel overrides once per process.) The test suite's job host relies
     on this; here it is checked on its own."""
-    from vllm_adadecode.bench.worker import JobHost
-
-    host = JobHost(log_path=str(tmp_path / "host.log"))
-    try:
-        job = dict(model=tiny_llama, prompts=PROMPTS8[:4], max_tokens=16, concurrency=4,
-                   enforce_eager=True, progress=False, warmup=False)
-        looked = host.run({**job, "speculative_config": {**TINY_SPEC, "lookup": True}})
-        van = host.run(job)
-        again = host.run({**job, "speculative_config": {**TINY_SPEC, "lookup": True}})
-    finally:
-        host.close()
+    host = engine.host  # the session's job host (it may have run jobs before)
+    job = dict(model=tiny_llama, prompts=PROMPTS8[:4], max_tokens=16, concurrency=4,
+               enforce_eager=True, progress=False, warmup=False, in_process=True)
+    looked = host.run({**job, "speculative_config": {**TINY_SPEC, "lookup": True}})
+    van = host.run(job)
+    again = host.run({**job, "speculative_config": {**TINY_SPEC, "lookup": True}})
     assert looked["pid"] == van["pid"] == again["pid"]  # one process
     assert looked["token_ids"] == van["token_ids"] == again["token_ids"]
     assert looked["spec"]["num_draft_tokens"] == again["spec"]["num_draft_tokens"] > 0
 
 
-# Tensor parallelism: two TP=2 engines in all (each costs three processes).
-# This one: early-exit self-drafts verified by recomputation, with the back-off
-# on. test_lookup_engine.py's: lookups, the response cache and self-drafts,
-# verified by deferred layers.
-def test_tensor_parallel_2_with_back_off(engine, tiny_llama):
-    """TP=2 gives TP=1's tokens; both ranks follow rank 0's back-off decision
-    (drafting runs collectives)."""
-    one = _tiny(engine, tiny_llama, speculative_config=TINY_SPEC)
-    two = _tiny(engine, tiny_llama, speculative_config={**TINY_SPEC, "adaptive": True},
-                tensor_parallel_size=2)
-    assert two["token_ids"] == one["token_ids"]
-    assert two["drafter"]["backoff"]
-    # The back-off let drafts through (self-drafts start off and are re-checked
-    # on one drafting step in 16), and the ranks agreed on them: some were kept.
-    assert two["spec"]["num_draft_tokens"] > 0 and two["spec"]["num_accepted_tokens"] > 0
+# Tensor parallelism: the TP=2 engines are test_lookup_engine.py's (mp executor:
+# lookups, the response cache and self-drafts, deferred verification) and
+# test_ray.py's (Ray executor: self-drafts verified by recomputation, with the
+# back-off on, both ranks following rank 0's decision). Each costs three
+# processes, so no other test starts one.
 
 
 SMOL32 = [p.text for p in mixed(32)]

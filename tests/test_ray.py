@@ -75,10 +75,11 @@ def ray_cluster():
 
 def test_tensor_parallel_2_on_ray_gives_the_same_tokens(engine, tiny_llama, ray_cluster,
                                                          monkeypatch):
-    """TP=2 over Ray equals TP=1 and TP=2 on the mp executor, with drafts kept
-    and rejected and rank 0's back-off decision on both ranks."""
+    """TP=2 over Ray, the back-off on, equals TP=1 (TP=2 on the mp executor
+    is test_lookup_engine.py's), with drafts kept and rejected: both ranks
+    follow rank 0's back-off decision (drafting runs collectives; ranks that
+    disagreed would hang or differ)."""
     one = _tiny(engine, tiny_llama, speculative_config=TINY_SPEC)
-    mp2 = _tiny(engine, tiny_llama, speculative_config=BACKOFF, tensor_parallel_size=2)
     for key, value in _ray_env(ray_cluster).items():
         monkeypatch.setenv(key, value)
     ray2 = _tiny(engine, tiny_llama, speculative_config=BACKOFF, tensor_parallel_size=2,
@@ -88,7 +89,7 @@ def test_tensor_parallel_2_on_ray_gives_the_same_tokens(engine, tiny_llama, ray_
     assert [w["class"] for w in workers] == ["RayCPUWorker", "RayCPUWorker"]
     assert [w["affinity"] for w in workers] == [[0], [1]]
     assert [w["omp_num_threads"] for w in workers] == ["1", "1"]
-    assert ray2["token_ids"] == one["token_ids"] == mp2["token_ids"]
+    assert ray2["token_ids"] == one["token_ids"]
     spec = ray2["spec"]
     assert 0 < spec["num_accepted_tokens"] < spec["num_draft_tokens"]  # kept and rejected
     assert ray2["drafter"]["backoff"]

@@ -22,7 +22,7 @@ def trained(tiny_llama, tmp_path_factory):
         [sys.executable, "-m", "vllm_adadecode.cli", "train-heads", "--model", tiny_llama,
          "--out", str(out), "--work-dir", str(work), "--data", "humaneval,mtbench",
          "--num-prompts", "40", "--max-tokens", "48", "--exit-layers", "auto",
-         "--epochs", "6", "--probe-epochs", "1", "--batch", "128", "--held-out", "0.2",
+         "--epochs", "3", "--probe-epochs", "1", "--batch", "128", "--held-out", "0.2",
          "--log", str(root / "engine.log")],
         capture_output=True, text=True, timeout=1200,
     )
@@ -222,7 +222,7 @@ def test_compare_heads_judges_every_design_and_applies_the_gate(trained, tiny_ll
         [sys.executable, "-m", "vllm_adadecode.cli", "compare-heads", "--model", tiny_llama,
          "--heads", str(out), "--depths", "0,2", "--data", "humaneval,mtbench",
          "--num-prompts", "40", "--max-tokens", "48", "--eval-data", "humaneval,mtbench",
-         "--eval-num-prompts", "8", "--eval-max-tokens", "24", "--epochs", "2",
+         "--eval-num-prompts", "8", "--eval-max-tokens", "24", "--epochs", "1",
          "--batch", "128", "--train-vocab", "0", "--work-dir", str(work),
          "--out-json", str(js), "--out-png", str(png), "--log", str(tmp_path / "engine.log")],
         capture_output=True, text=True, timeout=900,
