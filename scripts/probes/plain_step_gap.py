@@ -1,0 +1,56 @@
+"""Milliseconds per verification step of plain engines through the demo's job
+runner (a fresh engine process per job, the packaged SmolLM2, 8 prompts, 128
+tokens, concurrency 1, compiled), alternating the order every round.
+
+    python scripts/probes/plain_step_gap.py --engines vanilla,vanilla_async_off,ada_nodrafts \\
+        --rounds 2
+
+Engines: vanilla; vanilla_async_off (vLLM's async scheduling off, as a
+speculative engine of the custom_class kind runs); ada_nodrafts (AdaDecode with
+lookups and self-drafts off: no drafts at all); ada (defaults). Add
+--in-process to run each engine's core in its job's process.
+"""
+
+import argparse
+import json
+
+from vllm_adadecode.bench.worker import run_job
+from vllm_adadecode.models import packaged_model_dir
+from vllm_adadecode.prompts import mixed
+
+ENGINES = {
+    "vanilla": {},
+    "vanilla_async_off": {"async_scheduling": False},
+    "ada_nodrafts": {"speculative_config": {"method": "adadecode", "lookup": False,
+                                            "self_draft": False}},
+    "ada": {"speculative_config": {"method": "adadecode"}},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", default="vanilla,vanilla_async_off,ada_nodrafts")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--in-process", action="store_true")
+    ap.add_argument("--log", default="plain_step_gap.log")
+    args = ap.parse_args()
+    base = dict(model=str(packaged_model_dir()), prompts=[p.text for p in mixed(8)],
+                max_tokens=128, concurrency=1, dtype="float32", enforce_eager=False, seed=0,
+                progress=False, in_process=args.in_process)
+    order = args.engines.split(",")
+    outputs: dict[str, list] = {}
+    for r in range(args.rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            out = run_job({**base, **ENGINES[name]}, log_path=args.log)
+            decoded = sum(max(0, len(t) - 1) for t in out["token_ids"])
+            steps = decoded - out["spec"].get("num_accepted_tokens", 0)
+            print(json.dumps({"engine": name, "round": r, "tok_s": round(out["tokens_per_s"], 2),
+                              "ms_per_step": round(1000 * out["elapsed_s"] / max(1, steps), 2),
+                              "tokens_per_step": round(out["tokens_per_step"], 3)}), flush=True)
+            outputs.setdefault(name, []).append(out["token_ids"])
+    first = outputs[order[0]][0]
+    print("identical to", order[0], {k: all(x == first for x in v) for k, v in outputs.items()})
+
+
+if __name__ == "__main__":
+    main()
