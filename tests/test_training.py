@@ -271,3 +271,30 @@ def test_eval_heads_reports_a_version_2_design(design_feats, trained, tiny_llama
     assert report["design"] == "final_state" and set(report["layers"]) == {"2"}
     assert "design 'final_state'" in res.stdout
     assert report["predicted"]["humaneval"]["heads_config"]["speedup"] > 0
+
+
+def test_corpus_command_writes_a_corpus_from_cached_responses(trained, tiny_llama, tmp_path):
+    """`vllm-adadecode corpus` end to end at CI size: the training prompts'
+    responses are already cached, so no engine starts; the heads folder gains
+    a corpus whose tokens are those responses, and its config records how."""
+    import shutil
+
+    from vllm_adadecode.drafts.corpus import DraftCorpus, load_corpus_tokens
+    from vllm_adadecode.training.data import load_sequences
+
+    out, work, _ = trained
+    heads = tmp_path / "heads"
+    shutil.copytree(out, heads)
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "corpus", "--model", tiny_llama,
+         "--heads", str(heads), "--data", "humaneval,mtbench", "--num-prompts", "40",
+         "--max-tokens", "48", "--work-dir", str(work), "--log", str(tmp_path / "engine.log")],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "generating" not in res.stdout
+    seqs = load_sequences(str(next(Path(work).glob("sequences-*.jsonl"))))
+    tokens = load_corpus_tokens(heads)
+    assert DraftCorpus(tokens).num_tokens == sum(len(r) for _, r in seqs)
+    info = json.loads((heads / "config.json").read_text())["corpus"]
+    assert info["num_prompts"] == 40 and info["tokens"] == sum(len(r) for _, r in seqs)
+    assert ExitHeads.load(heads).exit_layers == ExitHeads.load(out).exit_layers  # heads kept
