@@ -8,7 +8,7 @@ setup:
 demo: setup
 	.venv/bin/vllm-adadecode demo
 
-# The default suite (CI): about 20 minutes on a 2-core machine, set-up included.
+# The default suite (CI): about 30 minutes on a 2-core machine, set-up included.
 test: setup
 	$(PYTEST)
 
@@ -16,6 +16,6 @@ test: setup
 test-full: setup
 	$(PYTEST) --full -m full
 
-# Developers' loop: every test that starts no vLLM engine (about 2 minutes).
+# Developers' loop: every test that starts no vLLM engine (under a minute).
 test-fast: setup
 	$(PYTEST) -m "not engine"
