@@ -12,7 +12,7 @@ demo: setup
 test: setup
 	$(PYTEST)
 
-# The long tier: full-size soak, training and real-model parity sweeps.
+# The long tier: a 160-request soak, SmolLM2 parity sweeps, compiled starts.
 test-full: setup
 	$(PYTEST) --full -m full
 
