@@ -94,7 +94,7 @@ def test_engines_one_after_another_in_one_process(engine, tiny_llama):
     on this; here it is checked on its own."""
     host = engine.host  # the session's job host (it may have run jobs before)
     job = dict(model=tiny_llama, prompts=PROMPTS8[:4], max_tokens=16, concurrency=4,
-               enforce_eager=True, progress=False, warmup=False, in_process=True)
+               enforce_eager=True, progress=False, warmup=False)
     looked = host.run({**job, "speculative_config": {**TINY_SPEC, "lookup": True}})
     van = host.run(job)
     again = host.run({**job, "speculative_config": {**TINY_SPEC, "lookup": True}})

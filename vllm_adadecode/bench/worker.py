@@ -425,7 +425,6 @@ class JobHost:
         self.log_path = log_path
         self._proc: subprocess.Popen | None = None
         self._replies = None
-        self.jobs_run = 0
 
     @staticmethod
     def accepts(job: dict[str, Any]) -> bool:
@@ -458,7 +457,6 @@ class JobHost:
             self._proc.stdin.write(json.dumps({"job": job, "out": str(out_file)}) + "\n")
             self._proc.stdin.flush()
             reply = self._replies.readline()
-            self.jobs_run += 1
             if reply.strip() != "ok" or not out_file.exists():
                 self.close()
                 where = f"; see {self.log_path}" if self.log_path else ""
