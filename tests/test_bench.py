@@ -44,7 +44,8 @@ def test_bench_json_has_every_field(bench_run):
     assert doc["schema"] == H.SCHEMA
     labels = [m["label"] for m in doc["methods"]]
     low_label = "adadecode[exit_layers=[1,3,5],threshold=0.005,adaptive=false]"
-    assert labels == ["vanilla", low_label, "ngram", "draft_model"]
+    # the AdaDecode engine with drafting off joins as a second plain baseline
+    assert labels == ["vanilla", low_label, "ngram", "draft_model", "adadecode[drafting off]"]
     assert doc["settings"]["concurrency"] == [1, 2] and doc["settings"]["max_tokens"] == 16
     # --in-process: vLLM's in-process engine-core client, not its engine process
     assert doc["settings"]["in_process"] is True
@@ -58,7 +59,13 @@ def test_bench_json_has_every_field(bench_run):
         assert set(r["categories"]) == {"math", "writing"}
         assert r["output_tokens"] > 0 and r["peak_rss_mb"] > 100
     van = [r for r in res if r["method"] == "vanilla"]
-    assert all(r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 for r in van)
+    assert all(r["speedup"] <= 1.0 and r["tokens_per_step"] == 1.0 for r in van)
+    off = [r for r in res if r["method"] == "adadecode[drafting off]"]
+    assert all(r["plain"] and r["tokens_per_step"] == 1.0 and r["speedup"] <= 1.0 for r in off)
+    for r in res:  # each repeat divides by the faster plain engine
+        for rep in r["repeats"]:
+            assert rep["baseline"] in ("vanilla", "adadecode[drafting off]")
+    assert all(max(a["speedup"], b["speedup"]) == 1.0 for a, b in zip(van, off))
     assert all(r["layer_evals_per_token"] == {"vanilla": 6.0} for r in van)
     for r in res:  # greedy speculation is lossless: every method matches vanilla
         assert r["identical_to_vanilla"] == 1.0, r["method"]
@@ -160,6 +167,37 @@ def test_speedup_divides_by_the_faster_plain_configuration():
     assert m.kind == "vanilla" and m.engine_args == {"async_scheduling": False}
     m = H.parse_method('vanilla={"label": "vanilla-last"}')
     assert (m.label, m.kind, m.engine_args) == ("vanilla-last", "vanilla", None)
+
+
+def test_adadecode_with_drafting_off_is_a_plain_baseline():
+    """When AdaDecode runs, the bench adds the AdaDecode engine with drafting
+    off, and a speedup divides by the faster of it and vanilla."""
+    from vllm_adadecode.prompts import Prompt
+
+    methods = H.with_baselines([H.parse_method("adadecode"), H.parse_method("ngram")])
+    assert [m.label for m in methods] == ["vanilla", "adadecode", "ngram",
+                                          "adadecode[drafting off]"]
+    assert [H.is_plain(m) for m in methods] == [True, False, False, True]
+    given = H.parse_method('adadecode={"lookup": false, "self_draft": false, "label": "off"}')
+    assert H.with_baselines([given]) == [methods[0], given]  # not added twice
+    assert [m.label for m in H.with_baselines([H.parse_method("ngram")])] == ["vanilla", "ngram"]
+
+    def run(tps):
+        return {"tokens_per_s": tps, "elapsed_s": 1.0, "output_tokens": 3, "token_ids": [[1, 2]],
+                "latency_s": [3 / tps], "spec": {"num_accepted_tokens": 0, "num_draft_tokens": 0},
+                "tokens_per_step": 1.0, "acceptance_rate": 0.0, "drafter": None}
+
+    runs = [{"vanilla": run(10.0), "adadecode": run(18.0), "ngram": run(11.0),
+             "adadecode[drafting off]": run(12.0)}]
+    recs = H.summarise("d", 1, [Prompt("a", "a", "c1")], methods, runs,
+                       dict.fromkeys(runs[0], 1.0), num_layers=6)
+    ada = recs[1]
+    assert ada["speedup"] == 1.5 and ada["repeats"][0]["baseline"] == "adadecode[drafting off]"
+    assert ada["categories"]["c1"]["speedup"] == 1.5
+    assert [r["plain"] for r in recs] == [True, False, False, True]
+    assert "speedup over the faster plain engine of each repeat (vanilla, adadecode[drafting " \
+        "off]): adadecode[drafting off]" in H.format_table(
+            {"settings": {"repeats": 1}, "results": recs})
 
 
 @pytest.mark.parametrize("bad, field", [

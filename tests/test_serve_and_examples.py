@@ -27,12 +27,34 @@ def heads_dir(smollm2, tmp_path_factory) -> str:
     return str(out)
 
 
+def test_both_serve_spellings_start_the_same_engine(smollm2, heads_dir):
+    """`vllm serve --spec-model HEADS_DIR` and `--speculative-config` naming
+    the same folder are parsed by `vllm serve`'s own argument parser into the
+    same engine configuration, so one served engine (below) covers both."""
+    from vllm import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    configs = []
+    for flags in (["--spec-model", heads_dir],
+                  ["--speculative-config", json.dumps({"method": "adadecode",
+                                                       "heads": heads_dir})]):
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            ["--model", smollm2, "--dtype", "float32", *flags])
+        cfg = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+        configs.append((cfg.speculative_config.method, cfg.speculative_config.model,
+                        cfg.speculative_config.num_speculative_tokens,
+                        cfg.additional_config["adadecode"]))
+    assert configs[0] == configs[1]
+    assert configs[0][0] == "custom_class" and configs[0][3]["exit_layers"] == [29]
+    assert configs[0][3]["heads"] == str(Path(heads_dir).resolve())
+
+
 @pytest.mark.engine
-@pytest.mark.parametrize("form", ["speculative-config", "spec-model"])
-def test_vllm_serve_answers_through_openai_client(form, heads_dir, tmp_path):
-    args = (["--speculative-config", json.dumps(LAST_LAYER)] if form == "speculative-config"
-            else ["--spec-model", heads_dir])
-    proc, base = serve(args, tmp_path / "serve.log")
+def test_vllm_serve_answers_through_openai_client(heads_dir, tmp_path):
+    """One `vllm serve` with the heads folder (`--spec-model`); the other
+    spelling starts the same engine (test above)."""
+    proc, base = serve(["--spec-model", heads_dir], tmp_path / "serve.log")
     try:
         res = subprocess.run(
             [sys.executable, str(ROOT / "examples/client.py"), "--base-url", base + "/v1"],
@@ -48,8 +70,7 @@ def test_vllm_serve_answers_through_openai_client(form, heads_dir, tmp_path):
         assert stats["vllm:spec_decode_num_accepted_tokens_total"] > 0
         log = (tmp_path / "serve.log").read_text()
         assert "AdaDecode enabled" in log or "custom_class" in log
-        if form == "speculative-config":
-            _bad_requests_are_refused_and_serving_goes_on(base)
+        _bad_requests_are_refused_and_serving_goes_on(base)
     finally:
         stop(proc)
 

@@ -298,3 +298,27 @@ def test_corpus_command_writes_a_corpus_from_cached_responses(trained, tiny_llam
     info = json.loads((heads / "config.json").read_text())["corpus"]
     assert info["num_prompts"] == 40 and info["tokens"] == sum(len(r) for _, r in seqs)
     assert ExitHeads.load(heads).exit_layers == ExitHeads.load(out).exit_layers  # heads kept
+
+
+@pytest.mark.full
+def test_full_size_training_on_smollm2(smollm2, tmp_path):
+    """Long tier: `train-heads` with its default sizes (480 prompts of 128
+    tokens from humaneval, mtbench and sharegpt, exit layers chosen by
+    predicted speed, 2 epochs) on the packaged SmolLM2, from an empty work
+    folder: the recipe of the shipped heads, end to end. Takes 10-20 minutes."""
+    out, work = tmp_path / "heads", tmp_path / "work"
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "train-heads", "--model", smollm2,
+         "--out", str(out), "--work-dir", str(work), "--log", str(tmp_path / "engine.log")],
+        capture_output=True, text=True, timeout=3600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    heads = ExitHeads.load(out)
+    assert heads.base_model_fingerprint == base_model_fingerprint(smollm2)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["training"]["selection"]["best"]["exit_layers"] == heads.exit_layers
+    kl = cfg["training"]["held_out_kl"]
+    for layer, identity in kl["identity"].items():
+        assert kl["trained"][layer] < identity, (layer, kl)
+    seqs = next(work.glob("sequences-*.jsonl")).read_text().splitlines()
+    assert len(seqs) >= 400  # the default 480 prompts, less any that failed to decode

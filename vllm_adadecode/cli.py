@@ -69,11 +69,40 @@ def cmd_init_heads(args) -> int:
     return 0
 
 
+def demo_rows(specs: list[dict]) -> list[tuple[str, dict | None]]:
+    """The demo's engines: vanilla vLLM, the AdaDecode engine with drafting
+    off (the first configuration with lookups and self-drafts off: it
+    proposes nothing), and AdaDecode with each configuration given."""
+    ada = [("adadecode" if len(specs) == 1 else f"adadecode#{i + 1}", s)
+           for i, s in enumerate(specs)]
+    from .config import DRAFTING_OFF
+
+    return [("vanilla", None), ("drafting off", {**specs[0], **DRAFTING_OFF}), *ada]
+
+
+def demo_summary(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per row: mean tokens/s over the rounds, each round's tokens/s, and the
+    speedup over the faster plain engine (vanilla or drafting off)."""
+    mean = {n: sum(r["tokens_per_s"] for r in rs) / len(rs) for n, rs in results.items()}
+    plain = max(("vanilla", "drafting off"), key=lambda n: mean[n])
+    return {n: {"tokens_per_s": mean[n],
+                "rounds": [r["tokens_per_s"] for r in rs],
+                "speedup": mean[n] / mean[plain],
+                "baseline": plain,
+                "tokens_per_step": sum(r["tokens_per_step"] for r in rs) / len(rs),
+                "acceptance_rate": sum(r["acceptance_rate"] for r in rs) / len(rs)}
+            for n, rs in results.items()}
+
+
 def cmd_demo(args) -> int:
+    from .bench.harness import run_order
     from .bench.worker import run_job
     from .models import packaged_model_dir
     from .prompts import mixed
 
+    if args.rounds < 1:
+        print("vllm-adadecode demo: error: --rounds must be >= 1", file=sys.stderr)
+        return 2
     model = args.model or str(packaged_model_dir())
     prompts = mixed(args.num_prompts)
     specs = []
@@ -92,38 +121,55 @@ def cmd_demo(args) -> int:
     )
     print(f"model: {model}")
     print(f"prompts: {len(prompts)} ({', '.join(p.id for p in prompts)})")
-    print(f"max_tokens={args.max_tokens} concurrency={args.concurrency} dtype={args.dtype}")
+    print(f"max_tokens={args.max_tokens} concurrency={args.concurrency} dtype={args.dtype} "
+          f"rounds={args.rounds} {'eager' if args.enforce_eager else 'compiled'} "
+          "(engines alternate; each run is a fresh engine)")
     print(f"engine logs: {args.log}\n")
-    runs = [("vanilla", None)] + [
-        ("adadecode" if len(specs) == 1 else f"adadecode#{i + 1}", s) for i, s in enumerate(specs)
-    ]
-    results = {}
-    for name, sc in runs:
-        print(f"[{name}] speculative_config={json.dumps(sc)}: starting engine ...", flush=True)
-        results[name] = run_job({**base, "speculative_config": sc}, log_path=args.log)
-        r = results[name]
-        print(f"[{name}] {r['output_tokens']} tokens in {r['elapsed_s']:.2f} s", flush=True)
-    van = results["vanilla"]
+    rows = demo_rows(specs)
+    results: dict[str, list[dict]] = {name: [] for name, _ in rows}
+    for r in range(args.rounds):
+        for name, sc in run_order(rows, r):
+            print(f"[round {r + 1}/{args.rounds}] {name}: speculative_config={json.dumps(sc)}",
+                  flush=True)
+            out = run_job({**base, "speculative_config": sc}, log_path=args.log)
+            results[name].append(out)
+            print(f"    {out['output_tokens']} tokens in {out['elapsed_s']:.2f} s "
+                  f"({out['tokens_per_s']:.2f} tok/s)", flush=True)
+    summary = demo_summary(results)
+    reference = results["vanilla"][0]["token_ids"]
     print()
-    print(f"{'method':<12} {'tok/s':>8} {'speedup':>8} {'tokens/step':>12} {'accept rate':>12} "
-          f"{'identical':>10}")
+    print(f"{'engine':<14} {'tok/s':>8} {'per round':>16} {'speedup':>8} {'tokens/step':>12} "
+          f"{'accept rate':>12} {'identical':>10}")
     all_same = True
-    for name, r in results.items():
-        same = sum(a == b for a, b in zip(r["token_ids"], van["token_ids"]))
+    for name, _ in rows:
+        row = summary[name]
+        same = min(sum(a == b for a, b in zip(o["token_ids"], reference))
+                   for o in results[name])
         all_same &= same == len(prompts)
-        print(f"{name:<12} {r['tokens_per_s']:>8.2f} {r['tokens_per_s'] / van['tokens_per_s']:>7.2f}x "
-              f"{r['tokens_per_step']:>12.2f} {r['acceptance_rate']:>12.2f} "
+        per_round = " ".join(f"{x:.1f}" for x in row["rounds"])
+        print(f"{name:<14} {row['tokens_per_s']:>8.2f} {per_round:>16} {row['speedup']:>7.2f}x "
+              f"{row['tokens_per_step']:>12.2f} {row['acceptance_rate']:>12.2f} "
               f"{same:>6}/{len(prompts)}")
-    for name, sc in runs[1:]:
-        r = results[name]
+    plain = summary["vanilla"]["baseline"]
+    engine = summary["drafting off"]["tokens_per_s"] / summary["vanilla"]["tokens_per_s"]
+    print(f"\nspeedup = tokens/s over the faster plain engine ({plain}), "
+          f"mean of {args.rounds} round(s)")
+    print(f"the AdaDecode engine with drafting off runs {engine:.2f}x vanilla: "
+          "the engine alone, not counted as speedup")
+    for name, sc in rows[2:]:
+        row = summary[name]
+        drafting = row["tokens_per_s"] / summary["drafting off"]["tokens_per_s"]
         print(f"\n{name}: {json.dumps(sc)}")
-        print(f"  speedup (tokens/s over vanilla): {r['tokens_per_s'] / van['tokens_per_s']:.2f}x")
-        print(f"  mean accepted tokens per verification step: {r['tokens_per_step']:.2f}")
-        same = sum(a == b for a, b in zip(r["token_ids"], van["token_ids"]))
+        print(f"  speedup over {plain}: {row['speedup']:.2f}x "
+              f"(drafting: {drafting:.2f}x the same engine with drafting off)")
+        print(f"  mean accepted tokens per verification step: {row['tokens_per_step']:.2f}")
+        same = min(sum(a == b for a, b in zip(o["token_ids"], reference)) for o in results[name])
         print(f"  outputs token-for-token identical to vanilla: {same}/{len(prompts)}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"specs": specs, "results": results}, f, indent=1)
+            json.dump({"specs": specs, "rows": [{"name": n, "speculative_config": sc}
+                                                for n, sc in rows],
+                       "summary": summary, "results": results}, f, indent=1)
     return 0 if all_same else 1
 
 
@@ -271,13 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="vanilla vLLM vs AdaDecode on packaged prompts")
     d.add_argument("--model", help="HF model folder (default: packaged SmolLM2-135M-Instruct)")
-    d.add_argument("--num-prompts", type=int, default=8)
-    d.add_argument("--max-tokens", type=int, default=128)
+    d.add_argument("--num-prompts", type=int, default=6)
+    d.add_argument("--max-tokens", type=int, default=96)
     d.add_argument("--concurrency", type=int, default=1)
     d.add_argument("--dtype", default="float32")
-    d.add_argument("--enforce-eager", action="store_true")
+    d.add_argument("--enforce-eager", action="store_true", default=True,
+                   help="eager engines, no torch.compile (the default: six engine starts "
+                        "then fit in a few minutes)")
+    d.add_argument("--compile", dest="enforce_eager", action="store_false",
+                   help="torch.compile every engine (each start takes 40 s to 3 min)")
     d.add_argument("--speculative-config", action="append",
                    help="JSON; method defaults to adadecode; repeat to compare several")
+    d.add_argument("--rounds", type=int, default=2,
+                   help="run every engine this many times, alternating the order "
+                        "(default: %(default)s)")
     d.add_argument("--out", help="write all results as JSON")
     d.add_argument("--log", default=_default_log("demo.log"),
                    help="append engine logs here (default: %(default)s)")

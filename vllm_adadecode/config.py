@@ -41,6 +41,16 @@ DEFAULT_CORPUS_MIN_PROB = 0.4
 # run on the 2-core CPU measured a whole-run gain (docs/PERFORMANCE.md 11).
 DEFAULT_DISABLE_BY_BATCH_SIZE = 16
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
+# An AdaDecode engine that proposes nothing: the engine alone, the second plain
+# baseline of the demo and the bench (every speedup divides by the faster of it
+# and vanilla).
+DRAFTING_OFF = {"lookup": False, "self_draft": False}
+
+
+def drafting_off(spec: dict | None) -> bool:
+    return bool(spec) and all(spec.get(k) == v for k, v in DRAFTING_OFF.items())
+
+
 VLLM_KEYS = ("method", "num_speculative_tokens", "model")
 ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
 # "heads": "identity" turns the shipped heads off: T_i = I (the logit lens).

@@ -5,10 +5,16 @@ tokens, concurrency 1, compiled), alternating the order every round.
     python scripts/probes/plain_step_gap.py --engines vanilla,vanilla_async_off,ada_nodrafts \\
         --rounds 2
 
-Engines: vanilla; vanilla_async_off (vLLM's async scheduling off, as a
-speculative engine of the custom_class kind runs); ada_nodrafts (AdaDecode with
-lookups and self-drafts off: no drafts at all); ada (defaults). Add
---in-process to run each engine's core in its job's process.
+Engines: vanilla; vanilla_async_off (async_scheduling=False; vLLM's CPU
+platform turns it off anyway); ada_nodrafts (AdaDecode with lookups and
+self-drafts off: no drafts at all); ada (defaults); vanilla_timed (vanilla with
+the bench's step timers wrapped around the runner's methods); and each with
+_malloc (glibc's allocator with fixed thresholds). Add --in-process to run each
+engine's core in its job's process.
+
+Each line also gives, per output token, the CPU milliseconds (user, system) and
+minor page faults of every process: the frontend, vLLM's EngineCore and its
+Worker (docs/PERFORMANCE.md section 21).
 """
 
 import argparse
@@ -24,7 +30,15 @@ ENGINES = {
     "ada_nodrafts": {"speculative_config": {"method": "adadecode", "lookup": False,
                                             "self_draft": False}},
     "ada": {"speculative_config": {"method": "adadecode"}},
+    # vanilla with the bench's step timers wrapped around the runner's methods:
+    # the same work, a few more Python frames on the worker's stack
+    "vanilla_timed": {"step_timers": True},
 }
+# glibc's allocator with fixed thresholds: freed memory stays in the heap
+# instead of going back to the kernel and faulting in again on the next step.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+for _name in list(ENGINES):
+    ENGINES[_name + "_malloc"] = {**ENGINES[_name], "env": MALLOC}
 
 
 def main() -> None:
@@ -32,10 +46,11 @@ def main() -> None:
     ap.add_argument("--engines", default="vanilla,vanilla_async_off,ada_nodrafts")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--in-process", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--log", default="plain_step_gap.log")
     args = ap.parse_args()
     base = dict(model=str(packaged_model_dir()), prompts=[p.text for p in mixed(8)],
-                max_tokens=128, concurrency=1, dtype="float32", enforce_eager=False, seed=0,
+                max_tokens=args.max_tokens, concurrency=1, dtype="float32", enforce_eager=False, seed=0,
                 progress=False, in_process=args.in_process)
     order = args.engines.split(",")
     outputs: dict[str, list] = {}
@@ -46,7 +61,13 @@ def main() -> None:
             steps = decoded - out["spec"].get("num_accepted_tokens", 0)
             print(json.dumps({"engine": name, "round": r, "tok_s": round(out["tokens_per_s"], 2),
                               "ms_per_step": round(1000 * out["elapsed_s"] / max(1, steps), 2),
-                              "tokens_per_step": round(out["tokens_per_step"], 3)}), flush=True)
+                              "tokens_per_step": round(out["tokens_per_step"], 3),
+                              "per_token": {k: {"user_ms": round(1000 * v["user"] / n, 1),
+                                                "sys_ms": round(1000 * v["system"] / n, 1),
+                                                "faults": round(v["minor_faults"] / n)}
+                                            for k, v in out["cpu_s"].items()
+                                            if (n := max(1, out["output_tokens"]))}}),
+                  flush=True)
             outputs.setdefault(name, []).append(out["token_ids"])
     first = outputs[order[0]][0]
     print("identical to", order[0], {k: all(x == first for x in v) for k, v in outputs.items()})

@@ -85,6 +85,27 @@ def parse_method(text: str, draft_model: str | None = None) -> Method:
                                 "model": model}, engine)
 
 
+def is_plain(m: Method) -> bool:
+    """No speculation: vanilla, or an AdaDecode engine with drafting off."""
+    from ..config import drafting_off
+
+    return m.kind == "vanilla" or (m.kind == "adadecode" and drafting_off(m.speculative_config))
+
+
+def with_baselines(methods: list[Method]) -> list[Method]:
+    """vanilla first; and when AdaDecode runs, the AdaDecode engine with
+    drafting off too (unless given), so that no speedup counts what the
+    engine does without drafting."""
+    from ..config import DRAFTING_OFF
+
+    out = [Method("vanilla", "vanilla", None)] + [m for m in methods if m.label != "vanilla"]
+    if any(m.kind == "adadecode" for m in out) and not any(
+            m.kind == "adadecode" and is_plain(m) for m in out):
+        out.append(Method("adadecode[drafting off]", "adadecode",
+                          {"method": "adadecode", **DRAFTING_OFF}))
+    return out
+
+
 def _short(v: Any) -> str:
     return json.dumps(v, separators=(",", ":")).strip('"')
 
@@ -150,7 +171,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
 
     from .worker import run_job
 
-    methods = [Method("vanilla", "vanilla", None)] + [m for m in methods if m.label != "vanilla"]
+    methods = with_baselines(methods)
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise BenchError(f"two methods share a label: {labels}")
@@ -289,7 +310,7 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
     Identity is checked against vLLM's default plain engine ("vanilla")."""
     out = []
     cats = sorted({p.category for p in prompts})
-    plain = [m.label for m in methods if m.kind == "vanilla"]
+    plain = [m.label for m in methods if is_plain(m)]
     for m in methods:
         reps = []
         for by_label in runs:
@@ -310,6 +331,7 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
             "concurrency": concurrency,
             "method": m.label,
             "kind": m.kind,
+            "plain": is_plain(m),
             "num_prompts": len(prompts),
             "repeats": reps,
             "output_tokens": _mean([x["output_tokens"] for x in reps]),
@@ -466,7 +488,7 @@ def format_table(doc: dict) -> str:
     for (dataset, conc), recs in groups.items():
         lines.append(f"\n== {dataset}, concurrency {conc}, {recs[0]['num_prompts']} prompts, "
                      f"{reps} repeat(s) ==")
-        plain = [r["method"] for r in recs if r["kind"] == "vanilla"]
+        plain = [r["method"] for r in recs if r.get("plain", r["kind"] == "vanilla")]
         if len(plain) > 1:
             base = [x["baseline"] for x in recs[0]["repeats"]]
             lines.append(f"speedup over the faster plain engine of each repeat "

@@ -172,6 +172,40 @@ def _step_times(llm) -> dict | None:
     return times[0] if times else None
 
 
+class _CpuTimes:
+    """CPU seconds (user, system) spent during a timed run by this process
+    (the frontend, or the whole engine when its core runs in-process) and by
+    each child process (the engine core), and their thread counts."""
+
+    def __init__(self):
+        import psutil
+
+        self._me = psutil.Process()
+        self._start = self._snapshot()
+
+    def _snapshot(self) -> dict[str, tuple[float, float, int, int]]:
+        out = {}
+        for p in [self._me, *self._me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                # minor page faults: field 10 of /proc/PID/stat
+                stat = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[p.name() if p.pid != self._me.pid else "frontend"] = (
+                    t.user, t.system, p.num_threads(), int(stat[7]))
+            except Exception:  # a child that exited meanwhile, or no /proc
+                pass
+        return out
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        end = self._snapshot()
+        out = {}
+        for k, (u, s, n, f) in end.items():
+            u0, s0, _, f0 = self._start.get(k, (0, 0, 0, 0))
+            out[k] = {"user": round(u - u0, 3), "system": round(s - s0, 3), "threads": n,
+                      "minor_faults": f - f0}
+        return out
+
+
 def execute(job: dict[str, Any]) -> dict[str, Any]:
     if "runs" in job:
         return execute_sweep(job)
@@ -193,9 +227,13 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         llm.generate(texts[:2], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     before = _counters(llm)
     _drafter_stats(llm)  # reset
+    if job.get("step_timers"):  # wrap the runner's methods in timers, as the bench does
+        _step_times(llm)
+    cpu = _CpuTimes()
     t0 = time.perf_counter()
     outs = llm.generate(texts, params, use_tqdm=job.get("progress", True))
     elapsed = time.perf_counter() - t0
+    cpu_s = cpu.stop()
     counters = _delta(_counters(llm), before)
     drafter = _drafter_stats(llm)
     if drafter is not None and "requests" in drafter:
@@ -234,6 +272,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         "second_round": second,
         "workers": workers,
         "details": _details(outs) if job.get("details") else None,
+        "cpu_s": cpu_s,
         **acceptance_stats(counters, token_ids),
     }
     del llm
@@ -328,8 +367,10 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
 
         llm.collective_rpc(RESET_RPC)  # no run drafts from another run's answers
         before = _counters(llm)
+        cpu = _CpuTimes()
         tokens, latency, elapsed, index = _generate_inflight(
             llm, texts, params, run["concurrency"], f"run{k}", run.get("progress"))
+        cpu_s = cpu.stop()
         counters = _delta(_counters(llm), before)
         n_out = sum(len(t) for t in tokens)
         times = _step_times(llm)
@@ -345,6 +386,7 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
             "spec": counters,
             "drafter": drafter,
             "step_times": times,
+            "cpu_s": cpu_s,
             **acceptance_stats(counters, tokens),
         })
     # InprocClient (engine core in this process) or SyncMPClient (its own process)
