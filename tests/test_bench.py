@@ -28,7 +28,7 @@ def bench_run(tmp_path_factory, tiny_llama, smollm2):
     out, png = d / "results.json", d / "results.png"
     cmd = [sys.executable, "-m", "vllm_adadecode.cli", "bench", "--model", tiny_llama,
            "--prompts", str(prompts), "--max-tokens", "16", "--concurrency", "1,2",
-           "--repeats", "1", "--enforce-eager", "--in-process", "--draft-model", str(draft),
+           "--repeats", "1", "--enforce-eager", "--one-process", "--draft-model", str(draft),
            # drafting on every step (no back-off) at a low threshold: kept and rejected drafts
            "--method", 'adadecode={"exit_layers": [1, 3, 5], "threshold": 0.005, "adaptive": false}',
            "--method", "ngram", "--out", str(out), "--plot", str(png),
@@ -47,8 +47,9 @@ def test_bench_json_has_every_field(bench_run):
     # the AdaDecode engine with drafting off joins as a second plain baseline
     assert labels == ["vanilla", low_label, "ngram", "draft_model", "adadecode[drafting off]"]
     assert doc["settings"]["concurrency"] == [1, 2] and doc["settings"]["max_tokens"] == 16
-    # --in-process: vLLM's in-process engine-core client, not its engine process
-    assert doc["settings"]["in_process"] is True
+    # --one-process: every engine in one job host, with vLLM's in-process
+    # engine-core client, not its engine process
+    assert doc["settings"]["in_process"] is True and doc["settings"]["one_process"] is True
     assert doc["settings"]["engine_core_client"] == "InprocClient"
     res = doc["results"]
     assert len(res) == len(labels) * 2  # every method at both concurrencies

@@ -58,7 +58,7 @@ def test_demo_runs_end_to_end(tiny_llama, tmp_path):
     out = tmp_path / "demo.json"
     res = subprocess.run(
         [*CLI, "demo", "--model", tiny_llama, "--num-prompts", "2", "--max-tokens", "16",
-         "--rounds", "1", "--enforce-eager", "--speculative-config",
+         "--rounds", "2", "--one-process", "--speculative-config",
          '{"exit_layers": [1, 3, 5], "threshold": 0.005, "adaptive": false}',
          "--out", str(out), "--log", str(tmp_path / "demo.log")],
         capture_output=True, text=True, timeout=900)
@@ -72,3 +72,17 @@ def test_demo_runs_end_to_end(tiny_llama, tmp_path):
     assert off["spec"].get("num_draft_tokens", 0) == 0  # drafting off proposes nothing
     assert ada["token_ids"] == off["token_ids"] == doc["results"]["vanilla"][0]["token_ids"]
     assert doc["summary"]["adadecode"]["baseline"] in ("vanilla", "drafting off")
+    started = [x.split("] ", 1)[1].split(":")[0] for x in res.stdout.splitlines()
+               if x.startswith("[round")]
+    assert started == ["vanilla", "drafting off", "adadecode",
+                       "adadecode", "drafting off", "vanilla"]  # two rounds, alternating
+    assert all(o["token_ids"] == ada["token_ids"] for rs in doc["results"].values() for o in rs)
+    assert len(doc["summary"]["adadecode"]["rounds"]) == 2
+
+
+def test_demo_refuses_one_process_with_compile_and_zero_rounds():
+    for flags, message in ((["--one-process", "--compile"], "--one-process runs eager"),
+                           (["--rounds", "0"], "--rounds must be >= 1")):
+        res = subprocess.run([*CLI, "demo", *flags], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]

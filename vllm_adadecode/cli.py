@@ -96,12 +96,16 @@ def demo_summary(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 def cmd_demo(args) -> int:
     from .bench.harness import run_order
-    from .bench.worker import run_job
+    from .bench.worker import job_runner
     from .models import packaged_model_dir
     from .prompts import mixed
 
     if args.rounds < 1:
         print("vllm-adadecode demo: error: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    if args.one_process and not args.enforce_eager:
+        print("vllm-adadecode demo: error: --one-process runs eager engines only; "
+              "drop --compile", file=sys.stderr)
         return 2
     model = args.model or str(packaged_model_dir())
     prompts = mixed(args.num_prompts)
@@ -118,6 +122,7 @@ def cmd_demo(args) -> int:
         dtype=args.dtype,
         enforce_eager=args.enforce_eager,
         seed=0,
+        in_process=args.one_process,
     )
     print(f"model: {model}")
     print(f"prompts: {len(prompts)} ({', '.join(p.id for p in prompts)})")
@@ -127,14 +132,15 @@ def cmd_demo(args) -> int:
     print(f"engine logs: {args.log}\n")
     rows = demo_rows(specs)
     results: dict[str, list[dict]] = {name: [] for name, _ in rows}
-    for r in range(args.rounds):
-        for name, sc in run_order(rows, r):
-            print(f"[round {r + 1}/{args.rounds}] {name}: speculative_config={json.dumps(sc)}",
-                  flush=True)
-            out = run_job({**base, "speculative_config": sc}, log_path=args.log)
-            results[name].append(out)
-            print(f"    {out['output_tokens']} tokens in {out['elapsed_s']:.2f} s "
-                  f"({out['tokens_per_s']:.2f} tok/s)", flush=True)
+    with job_runner(one_process=args.one_process, log_path=args.log) as run:
+        for r in range(args.rounds):
+            for name, sc in run_order(rows, r):
+                print(f"[round {r + 1}/{args.rounds}] {name}: "
+                      f"speculative_config={json.dumps(sc)}", flush=True)
+                out = run({**base, "speculative_config": sc})
+                results[name].append(out)
+                print(f"    {out['output_tokens']} tokens in {out['elapsed_s']:.2f} s "
+                      f"({out['tokens_per_s']:.2f} tok/s)", flush=True)
     summary = demo_summary(results)
     reference = results["vanilla"][0]["token_ids"]
     print()
@@ -190,6 +196,8 @@ def cmd_bench(args) -> int:
             raise H.BenchError("--repeats must be >= 1")
         if args.temperature < 0:
             raise H.BenchError("--temperature must be >= 0")
+        if args.one_process and not args.enforce_eager:
+            raise H.BenchError("--one-process runs eager engines only: add --enforce-eager")
     except H.BenchError as e:
         print(f"vllm-adadecode bench: error: {e}", file=sys.stderr)
         return 2
@@ -203,7 +211,7 @@ def cmd_bench(args) -> int:
                 max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed,
                 max_model_len=args.max_model_len, temperature=args.temperature,
                 repeats=args.repeats, enforce_eager=args.enforce_eager, log_path=args.log,
-                in_process=args.in_process)
+                in_process=args.in_process or args.one_process, one_process=args.one_process)
     doc["settings"]["command"] = "vllm-adadecode bench " + " ".join(
         a if " " not in a and "{" not in a else repr(a) for a in args.argv[1:])
     print(H.format_table(doc))
@@ -328,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile every engine (each start takes 40 s to 3 min)")
     d.add_argument("--speculative-config", action="append",
                    help="JSON; method defaults to adadecode; repeat to compare several")
+    d.add_argument("--one-process", action="store_true",
+                   help="run every engine in one long-lived process, its engine core "
+                        "in-process (eager only): quick checks, not the path vllm.LLM takes")
     d.add_argument("--rounds", type=int, default=2,
                    help="run every engine this many times, alternating the order "
                         "(default: %(default)s)")
@@ -480,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each engine's core in its benchmark process "
                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0), not in vLLM's separate engine "
                         "process: steadier on two cores (docs/BENCHMARKS.md)")
+    b.add_argument("--one-process", action="store_true",
+                   help="with --enforce-eager: every engine in one long-lived process, its "
+                        "core in-process (vLLM's cleanup between engines); starts take "
+                        "seconds; for quick checks, not timings")
     b.add_argument("--out", help="results JSON (schema in docs/BENCHMARKS.md)")
     b.add_argument("--plot", help="PNG: speedup and accepted tokens per step")
     b.add_argument("--log", default=_default_log("bench.log"),

@@ -160,7 +160,8 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
         concurrency: list[int], max_tokens: int, dtype: str, seed: int, repeats: int,
         max_model_len: int | None = None, temperature: float = 0.0,
         enforce_eager: bool = False, log_path: str | None = None,
-        progress: bool = True, in_process: bool = False) -> dict[str, Any]:
+        progress: bool = True, in_process: bool = False,
+        one_process: bool = False) -> dict[str, Any]:
     """Run every method ``repeats`` times; return the results document.
 
     ``in_process``: each engine's core runs in its benchmark process
@@ -169,7 +170,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
     two OpenMP threads (docs/BENCHMARKS.md, "Engine process")."""
     from tqdm import tqdm
 
-    from .worker import run_job
+    from .worker import job_runner
 
     methods = with_baselines(methods)
     labels = [m.label for m in methods]
@@ -179,21 +180,22 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
     raw: list[dict[str, dict]] = []
     t_start = time.time()
     bar = tqdm(total=repeats * len(methods), desc="bench", unit="engine", disable=not progress)
-    for r in range(repeats):
-        raw.append({})
-        for m in run_order(methods, r):
-            bar.set_postfix_str(f"repeat {r + 1}/{repeats}: {m.label}")
-            job = dict(
-                model=model, dtype=dtype, seed=seed, max_tokens=max_tokens,
-                temperature=temperature,
-                max_model_len=max_model_len or default_max_model_len(datasets),
-                enforce_eager=enforce_eager, speculative_config=m.speculative_config,
-                in_process=in_process, **(m.engine_args or {}),
-                runs=[dict(prompts=[p.text for p in datasets[d]], concurrency=c,
-                           progress=f"{m.label} {d} c={c}") for d, c in plan],
-            )
-            raw[r][m.label] = run_job(job, log_path=log_path)
-            bar.update(1)
+    with job_runner(one_process=one_process, log_path=log_path) as run_one:
+        for r in range(repeats):
+            raw.append({})
+            for m in run_order(methods, r):
+                bar.set_postfix_str(f"repeat {r + 1}/{repeats}: {m.label}")
+                job = dict(
+                    model=model, dtype=dtype, seed=seed, max_tokens=max_tokens,
+                    temperature=temperature,
+                    max_model_len=max_model_len or default_max_model_len(datasets),
+                    enforce_eager=enforce_eager, speculative_config=m.speculative_config,
+                    in_process=in_process, **(m.engine_args or {}),
+                    runs=[dict(prompts=[p.text for p in datasets[d]], concurrency=c,
+                               progress=f"{m.label} {d} c={c}") for d, c in plan],
+                )
+                raw[r][m.label] = run_one(job)
+                bar.update(1)
     bar.close()
     doc = {
         "schema": SCHEMA,
@@ -203,6 +205,7 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
                          temperature=temperature,
                          max_model_len=max_model_len or default_max_model_len(datasets),
                          repeats=repeats, enforce_eager=enforce_eager, in_process=in_process,
+                         one_process=one_process,
                          engine_core_client=raw[0][methods[0].label].get("engine_core_client"),
                          wall_s=round(time.time() - t_start, 1)),
         "methods": [asdict(m) for m in methods],

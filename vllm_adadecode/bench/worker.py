@@ -11,6 +11,7 @@ is fully gone when the child exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -518,6 +519,22 @@ class JobHost:
         if self._replies is not None:
             self._replies.close()
             self._replies = None
+
+
+@contextlib.contextmanager
+def job_runner(*, one_process: bool = False, log_path: str | None = None):
+    """A function that runs one engine job: ``run_job`` (a fresh process per
+    job), or with ``one_process`` a JobHost's ``run`` (eager, single-process
+    engines, one after another in one long-lived process; for quick checks,
+    not timings)."""
+    if not one_process:
+        yield lambda job: run_job(job, log_path=log_path)
+        return
+    host = JobHost(log_path)
+    try:
+        yield host.run
+    finally:
+        host.close()
 
 
 def _serve_jobs(reply_fd: int) -> None:
