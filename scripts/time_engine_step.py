@@ -15,7 +15,8 @@ the executor (execute_model, sample_tokens, take_draft_token_ids), the model
 runner's parts (input preparation, forward, sampling, drafting, bookkeeping),
 output processing and stats; for AdaDecode also the drafter's counters, its
 back-offs per batch-size bucket and the drafter's call time by batch size and
-whether it proposed drafts. docs/PERFORMANCE.md section 18 quotes it.
+whether it proposed drafts. docs/performance/load.md and docs/performance/backoff.md
+quote it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main() -> None:
     from vllm_adadecode import proposer as P
     from vllm_adadecode.bench.worker import _chat, _generate_inflight
     from vllm_adadecode.models import packaged_model_dir
-    from vllm_adadecode.patches import STATS_RPC
+    from vllm_adadecode.engine.rpc import STATS_RPC
 
     spec = None if args.spec == "none" else json.loads(args.spec)
     llm = LLM(model=str(packaged_model_dir()), dtype="float32", max_model_len=2048,

@@ -12,7 +12,8 @@ model forward (split into steps run by the deferred forward and by vLLM's own
 compiled forward), the drafter (propose), its layer segments (by layer range,
 rows and whether a residual came in), exit checks, and attention-metadata
 builds. ``--out FILE`` writes the generated token ids (to
-compare runs). docs/PERFORMANCE.md section 5 quotes it.
+compare runs). docs/performance/step-time.md, docs/performance/segments.md and
+docs/HEADS.md ("The cost model, re-measured") quote it.
 """
 
 from __future__ import annotations
@@ -54,10 +55,28 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_adadecode import patches
     from vllm_adadecode import proposer as P
+    from vllm_adadecode.drafts.early_exit import EarlyExitDrafter
+    from vllm_adadecode.engine.rpc import STATS_RPC
+    from vllm_adadecode.engine.runner import RunnerBatch
+    from vllm_adadecode.engine.segments import LayerSegments
+    from vllm_adadecode.engine.verify import DeferredVerification
     from vllm_adadecode import prompts as data
     from vllm_adadecode.models import packaged_model_dir
+
+    # The model forward, split by who ran it: the deferred forward (a step that
+    # resumes drafted states) or vLLM's own compiled forward (every other step;
+    # with the back-off on, both kinds occur in one run). The drafter binds the
+    # deferred forward when it loads the model: wrap it before.
+    resumed = [False]
+    deferred = DeferredVerification.forward
+
+    def deferred_forward(self, *a, **k):
+        out = deferred(self, *a, **k)
+        resumed[0] = out is not None
+        return out
+
+    DeferredVerification.forward = deferred_forward
 
     spec = None if args.spec == "none" else json.loads(args.spec)
     llm = LLM(model=str(packaged_model_dir()), dtype="float32", max_model_len=2048,
@@ -65,19 +84,7 @@ def main() -> None:
               seed=0)
     _timed(GPUModelRunner, "execute_model", "execute_model")
     _timed(P.AdaDecodeProposer, "propose_for_runner", "drafter (propose)")
-    _timed(P.AdaDecodeProposer, "_exit_top1", "exit check")
-    # The model forward, split by who ran it: the deferred forward (a step that
-    # resumes drafted states) or vLLM's own compiled forward (every other step;
-    # with the back-off on, both kinds occur in one run).
-    resumed = [False]
-    deferred = P.AdaDecodeProposer.deferred_forward
-
-    def deferred_forward(self, *a, **k):
-        out = deferred(self, *a, **k)
-        resumed[0] = out is not None
-        return out
-
-    P.AdaDecodeProposer.deferred_forward = deferred_forward
+    _timed(EarlyExitDrafter, "_exit_top1", "exit check")
     forward = GPUModelRunner._model_forward
 
     def model_forward(self, *a, **k):
@@ -91,8 +98,8 @@ def main() -> None:
             N[key] += 1
 
     GPUModelRunner._model_forward = model_forward
-    _timed(patches.RunnerBatch, "attention", "attention metadata")
-    segments = patches.LayerSegments.__call__
+    _timed(RunnerBatch, "attention", "attention metadata")
+    segments = LayerSegments.__call__
 
     def segment(self, start, end):
         fn = segments(self, start, end)
@@ -108,7 +115,7 @@ def main() -> None:
 
         return timed
 
-    patches.LayerSegments.__call__ = segment
+    LayerSegments.__call__ = segment
 
     tok = llm.get_tokenizer()
     ps = getattr(data, args.dataset)()[: args.num_prompts]
@@ -126,7 +133,7 @@ def main() -> None:
     print(f"RESULT {n} tokens {elapsed:.2f}s {n / elapsed:.2f} tok/s")
     for k in sorted(T, key=lambda k: -T[k]):
         print(f"  {k:38s} calls {N[k]:5d}  total {T[k]:7.2f} s  mean {1000 * T[k] / N[k]:7.2f} ms")
-    stats = llm.collective_rpc(patches.STATS_RPC)[0]
+    stats = llm.collective_rpc(STATS_RPC)[0]
     if stats:
         print("drafter:", json.dumps({k: v for k, v in stats.items() if k != "requests"}))
     if args.out:

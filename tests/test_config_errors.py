@@ -22,8 +22,8 @@ def _start(model, spec, **kw):
     "spec, message",
     [
         ({"exit_layer": [2]}, r"unknown adadecode setting\(s\) \['exit_layer'\].*allowed keys"),
-        ({"threshold": 0}, r"'threshold' must be in \(0, 1\]"),
-        ({"threshold": 1.5}, r"'threshold' must be in \(0, 1\]"),
+        ({"threshold": 0}, r"'threshold' must be a number in \(0, 1\]"),
+        ({"threshold": 1.5}, r"'threshold' must be a number in \(0, 1\]"),
         ({"threshold": "high"}, r"'threshold' must be a number in \(0, 1\]"),
         ({"exit_layers": [0, 3]}, r"'exit_layers' entry 0 is out of range.*\[1, 5\]"),
         ({"exit_layers": [2, 6]}, r"'exit_layers' entry 6 is out of range.*6 layers"),
@@ -121,7 +121,8 @@ def test_exit_layer_without_a_head(tiny_llama, tmp_path):
 
 
 def test_unsupported_vllm_version_is_refused():
-    from vllm_adadecode.patches import UnsupportedVLLMVersion, check_vllm_version
+    from vllm_adadecode.engine.install import check_vllm_version
+    from vllm_adadecode.errors import UnsupportedVLLMVersion
 
     check_vllm_version("0.32.0")
     check_vllm_version("0.32.0+cpu")
@@ -140,7 +141,7 @@ def test_register_is_idempotent_and_passive():
     hook = EngineArgs.create_speculative_config
     prop = VllmConfig.__dict__["num_lookahead_tokens"]
     vllm_adadecode.register()
-    import vllm_adadecode.patches as p
+    import vllm_adadecode.engine.install as p
 
     p.install_engine_hooks()
     assert EngineArgs.create_speculative_config is hook

@@ -1,6 +1,6 @@
 """The back-off governor, driven by a simulated clock."""
 
-from vllm_adadecode.governor import Governor
+from vllm_adadecode.drafts.governor import Governor
 
 
 def simulate(gov: Governor, steps: int, batch: int, step_s: dict[bool, float],

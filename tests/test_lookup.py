@@ -6,7 +6,8 @@ import pytest
 
 from vllm_adadecode.drafts.adapt import (VERIFY_COST, Acceptance, DraftAdaptation, StepCost,
                                          best_lookup_length)
-from vllm_adadecode.drafts.lookup import ResponseCache, SequenceLookup
+from vllm_adadecode.drafts.cache import ResponseCache
+from vllm_adadecode.drafts.lookup import SequenceLookup
 
 
 def _arr(xs):

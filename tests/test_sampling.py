@@ -58,11 +58,11 @@ def test_step_keys_advance_with_depth():
 # ---- the kernel draw (vLLM's CPU Gumbel-max, no engine) --------------------
 @pytest.fixture(scope="module")
 def gumbel_argmax():
-    from vllm_adadecode import patches
+    from vllm_adadecode.engine import sampler
 
-    if not patches.keyed_sampling_supported():
+    if not sampler.keyed_sampling_supported():
         pytest.skip("vLLM's CPU Gumbel-max kernel is not available")
-    return patches.gumbel_argmax
+    return sampler.gumbel_argmax
 
 
 def test_keyed_draw_depends_only_on_its_row(gumbel_argmax):

@@ -2,7 +2,7 @@
 
 import torch
 
-from vllm_adadecode.patches import LayerSegments
+from vllm_adadecode.engine.segments import LayerSegments
 
 
 class AddLayer(torch.nn.Module):

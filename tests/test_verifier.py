@@ -2,7 +2,7 @@
 
 import torch
 
-from vllm_adadecode.verifier import PLACEHOLDER_TOKEN_ID as P, exact_match
+from vllm_adadecode.engine.verify import PLACEHOLDER_TOKEN_ID as P, exact_match
 
 
 def test_keeps_agreeing_prefix_and_replaces_first_mismatch():
@@ -50,7 +50,7 @@ def test_matches_greedy_decoding_on_random_cases():
 
 
 def test_match_draws_keeps_drafts_while_they_equal_the_draws():
-    from vllm_adadecode.verifier import match_draws
+    from vllm_adadecode.engine.verify import match_draws
 
     drawn = torch.tensor([[5, 6, 7, 8],    # all 3 drafts hold: 3 + the next draw
                           [5, 9, 7, 8],    # second draft differs: emit 5, 9

@@ -18,7 +18,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from . import patches
+    from .engine import install
 
-    patches.install_engine_hooks()
+    install.install_engine_hooks()
     _registered = True

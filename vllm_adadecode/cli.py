@@ -8,6 +8,9 @@
     vllm-adadecode compare-heads  every head design at every depth: agreement, predicted speed
     vllm-adadecode bench       speculative methods side by side (Spec-Bench style)
     vllm-adadecode soak        vllm serve with AdaDecode vs plain under a mix of abuse
+
+(Over 500 lines: one argparse parser and one short function per subcommand;
+the work itself lives in the modules each calls.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""AdaDecode's settings: fields, defaults, and validation with clear messages.
+"""AdaDecode's resolved settings and their validation at engine start.
+
+Each setting is defined once in ``settings.SETTINGS`` (default, type, allowed
+values, help); this module builds the config dataclass from it and resolves a
+user's raw settings against the model and its heads folder.
 
 A user switches AdaDecode on through vLLM's speculative config, e.g.::
 
@@ -17,30 +21,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHOD = "adadecode"
+from .errors import AdaDecodeConfigError
+from .settings import BY_KEY, SETTINGS, Setting, default
 
-# Paper defaults (arXiv 2506.03700): threshold 0.75, at most 5 early tokens.
-DEFAULT_THRESHOLD = 0.75
-DEFAULT_NUM_SPECULATIVE_TOKENS = 5
+__all__ = ["AdaDecodeConfig", "AdaDecodeConfigError", "resolve"]
+
+METHOD = "adadecode"
+DEFAULT_THRESHOLD = default("threshold")
+DEFAULT_NUM_SPECULATIVE_TOKENS = default("num_speculative_tokens")
 
 # Keys AdaDecode owns inside the speculative config (besides vLLM's own below).
-ADADECODE_KEYS = ("exit_layers", "threshold", "heads", "adaptive", "deferred", "shortlist",
-                  "lookup", "lookup_min_match", "lookup_max_match", "lookup_max_tokens",
-                  "lookup_cache", "lookup_cache_tokens", "lookup_corpus", "corpus_min_prob",
-                  "self_draft", "disable_by_batch_size", "sampled_drafts")
-# Lookup defaults: match 2-5 tokens (vLLM's ngram bench settings), a cache of
-# earlier responses of up to 16,384 tokens (64 KiB; one scan of it per
-# request-step that finds no match in its own tokens).
-DEFAULT_LOOKUP_MIN_MATCH = 2
-DEFAULT_LOOKUP_MAX_MATCH = 5
-DEFAULT_LOOKUP_CACHE_TOKENS = 16384
-# Corpus drafts continue while the product of their frequencies stays >= this
-# (offline on the eval split: 0.4 gave the most tokens per unit of step cost).
-DEFAULT_CORPUS_MIN_PROB = 0.4
-# No drafting while a step holds this many requests or more: at 16 no bench
-# run on the 2-core CPU measured a whole-run gain (docs/PERFORMANCE.md 11).
-DEFAULT_DISABLE_BY_BATCH_SIZE = 16
+ADADECODE_KEYS = tuple(s.key for s in SETTINGS if s.key != "num_speculative_tokens")
 # vLLM speculative-config keys that keep their vLLM meaning with AdaDecode.
+VLLM_KEYS = ("method", "num_speculative_tokens", "model")
+ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
+# "heads": "identity" turns the shipped heads off: T_i = I (the logit lens).
+IDENTITY_HEADS = "identity"
+
 # An AdaDecode engine that proposes nothing: the engine alone, the second plain
 # baseline of the demo and the bench (every speedup divides by the faster of it
 # and vanilla).
@@ -51,108 +48,40 @@ def drafting_off(spec: dict | None) -> bool:
     return bool(spec) and all(spec.get(k) == v for k, v in DRAFTING_OFF.items())
 
 
-VLLM_KEYS = ("method", "num_speculative_tokens", "model")
-ALLOWED_KEYS = VLLM_KEYS + ADADECODE_KEYS
-# "heads": "identity" turns the shipped heads off: T_i = I (the logit lens).
-IDENTITY_HEADS = "identity"
+def _to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["exit_layers"] = list(self.exit_layers)
+    return d
 
 
-class AdaDecodeConfigError(ValueError):
-    """Bad AdaDecode input; the message names the field and what is allowed."""
+def _from_dict(cls, d: dict[str, Any]) -> "AdaDecodeConfig":
+    """Resolved settings (``to_dict``'s output) back into the dataclass; a
+    missing key takes its default."""
+    return cls(**{s.key: s.convert(d[s.key] if s.key in d else s.default)
+                  for s in SETTINGS})
 
 
-@dataclasses.dataclass(frozen=True)
-class AdaDecodeConfig:
-    """Resolved settings, as the drafter in every worker sees them."""
+def _lookup_tokens(self) -> int:
+    """Most lookup tokens a request may draft in one step."""
+    if self.lookup_max_tokens is None:
+        return self.num_speculative_tokens
+    return min(self.lookup_max_tokens, self.num_speculative_tokens)
 
-    exit_layers: tuple[int, ...]
-    """0-based decoder-layer indices whose output may emit a draft token;
-    each in [1, num_hidden_layers - 1], strictly increasing."""
-    threshold: float = DEFAULT_THRESHOLD
-    """A token exits at the first exit layer whose top-1 probability >= threshold."""
-    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
-    """Maximum draft length per verification step."""
-    heads: str | None = None
-    """Exit-heads folder; None means identity heads (the model's own norm + LM head)."""
-    adaptive: bool = True
-    """Measure tokens per second with and without drafting, per batch size, and
-    draft only where drafting is measured to pay (speculation backs off under load)."""
-    deferred: bool = True
-    """Deferred-layer verification: a drafted token's verification runs only the
-    layers after the depth the drafter already took it to."""
-    shortlist: bool = True
-    """Screen each exit check on the heads' vocabulary shortlist first (when the
-    heads folder has one); only rows that pass are checked on the full LM head,
-    so every exit decision is the one the full LM head would make for tokens in
-    the shortlist."""
-    lookup: bool = True
-    """Lookup drafts: propose the tokens that followed the longest earlier
-    occurrence of the request's newest tokens (prompt and output so far)."""
-    lookup_min_match: int = DEFAULT_LOOKUP_MIN_MATCH
-    """Shortest suffix (tokens) that must recur for a lookup draft."""
-    lookup_max_match: int = DEFAULT_LOOKUP_MAX_MATCH
-    """Longest suffix the matcher tries."""
-    lookup_max_tokens: int | None = None
-    """Most lookup tokens per step (None: num_speculative_tokens); each request
-    drafts fewer as its observed acceptance says."""
-    lookup_cache: bool = True
-    """Also match against earlier responses of this engine (bounded cache)."""
-    lookup_cache_tokens: int = DEFAULT_LOOKUP_CACHE_TOKENS
-    """Capacity of that cache in tokens; the oldest responses are evicted first."""
-    lookup_corpus: bool = True
-    """When neither finds a match, draft from the heads folder's corpus of the
-    model's own responses (``corpus.safetensors``), when it has one."""
-    corpus_min_prob: float = DEFAULT_CORPUS_MIN_PROB
-    """A corpus draft continues while the product of its tokens' frequencies
-    (after their contexts, in the corpus) stays at or above this."""
-    self_draft: bool = True
-    """Early-exit self-drafts (from where a lookup draft ends, or alone)."""
-    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
-    """No drafts in a step whose batch holds this many requests or more (None:
-    no limit; below it the back-off decides)."""
-    sampled_drafts: bool = True
-    """Position-keyed sampling: the token at position p of a sampled request is
-    drawn with noise keyed on (seed, p), so its output does not depend on
-    speculation; sampled requests then get drafts, kept only where they equal
-    the target's draw. False: vLLM's own sampler, and no drafts for sampled
-    requests (CPU engines only; other platforms always behave as False)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["exit_layers"] = list(self.exit_layers)
-        return d
+def _field(s: Setting):
+    if s.key == "exit_layers":  # always resolved: no default
+        return (s.key, tuple)
+    return (s.key, Any, dataclasses.field(default=s.default, metadata={"help": s.help}))
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdaDecodeConfig":
-        return cls(
-            exit_layers=tuple(d["exit_layers"]),
-            threshold=float(d["threshold"]),
-            num_speculative_tokens=int(d["num_speculative_tokens"]),
-            heads=d.get("heads"),
-            adaptive=bool(d.get("adaptive", True)),
-            deferred=bool(d.get("deferred", True)),
-            shortlist=bool(d.get("shortlist", True)),
-            lookup=bool(d.get("lookup", True)),
-            lookup_min_match=int(d.get("lookup_min_match", DEFAULT_LOOKUP_MIN_MATCH)),
-            lookup_max_match=int(d.get("lookup_max_match", DEFAULT_LOOKUP_MAX_MATCH)),
-            lookup_max_tokens=(None if d.get("lookup_max_tokens") is None
-                               else int(d["lookup_max_tokens"])),
-            lookup_cache=bool(d.get("lookup_cache", True)),
-            lookup_cache_tokens=int(d.get("lookup_cache_tokens", DEFAULT_LOOKUP_CACHE_TOKENS)),
-            lookup_corpus=bool(d.get("lookup_corpus", True)),
-            corpus_min_prob=float(d.get("corpus_min_prob", DEFAULT_CORPUS_MIN_PROB)),
-            self_draft=bool(d.get("self_draft", True)),
-            disable_by_batch_size=(None if d.get("disable_by_batch_size") is None
-                                   else int(d["disable_by_batch_size"])),
-            sampled_drafts=bool(d.get("sampled_drafts", True)),
-        )
 
-    @property
-    def lookup_tokens(self) -> int:
-        """Most lookup tokens a request may draft in one step."""
-        if self.lookup_max_tokens is None:
-            return self.num_speculative_tokens
-        return min(self.lookup_max_tokens, self.num_speculative_tokens)
+# Resolved settings, as the drafter in every worker sees them: one field per
+# entry of settings.SETTINGS (exit_layers first: it has no default).
+AdaDecodeConfig = dataclasses.make_dataclass(
+    "AdaDecodeConfig", [_field(s) for s in SETTINGS], frozen=True,
+    namespace={"to_dict": _to_dict, "from_dict": classmethod(_from_dict),
+               "lookup_tokens": property(_lookup_tokens),
+               "__doc__": "Resolved AdaDecode settings (fields: settings.SETTINGS)."})
+AdaDecodeConfig.__module__ = __name__
 
 
 def default_exit_layers(num_hidden_layers: int) -> tuple[int, ...]:
@@ -162,15 +91,7 @@ def default_exit_layers(num_hidden_layers: int) -> tuple[int, ...]:
 
 
 def validate_threshold(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AdaDecodeConfigError(
-            f"adadecode 'threshold' must be a number in (0, 1], got {value!r}"
-        )
-    if not 0.0 < float(value) <= 1.0:
-        raise AdaDecodeConfigError(
-            f"adadecode 'threshold' must be in (0, 1], got {value!r}"
-        )
-    return float(value)
+    return BY_KEY["threshold"].validate(value)
 
 
 def validate_exit_layers(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
@@ -200,11 +121,7 @@ def validate_exit_layers(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
 
 
 def validate_num_speculative_tokens(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdaDecodeConfigError(
-            f"adadecode 'num_speculative_tokens' must be an integer >= 1, got {value!r}"
-        )
-    return value
+    return BY_KEY["num_speculative_tokens"].validate(value)
 
 
 def is_heads_dir(path: Any) -> bool:
@@ -335,44 +252,21 @@ def resolve(
     else:
         threshold = DEFAULT_THRESHOLD
 
-    num_spec = merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS)
-    num_spec = validate_num_speculative_tokens(num_spec)
-    flags = {}
-    for key, default in (("adaptive", True), ("deferred", True), ("shortlist", True),
-                         ("lookup", True), ("lookup_cache", True), ("lookup_corpus", True),
-                         ("self_draft", True), ("sampled_drafts", True)):
-        flags[key] = merged.pop(key, default)
-        if not isinstance(flags[key], bool):
-            raise AdaDecodeConfigError(
-                f"adadecode '{key}' must be true or false, got {flags[key]!r}")
-    ints = {}
-    for key, default, low in (("lookup_min_match", DEFAULT_LOOKUP_MIN_MATCH, 1),
-                              ("lookup_max_match", DEFAULT_LOOKUP_MAX_MATCH, 1),
-                              ("lookup_max_tokens", None, 1),
-                              ("lookup_cache_tokens", DEFAULT_LOOKUP_CACHE_TOKENS, 16),
-                              ("disable_by_batch_size", DEFAULT_DISABLE_BY_BATCH_SIZE, 1)):
-        value = merged.pop(key, default)
-        if value is None and key in ("lookup_max_tokens", "disable_by_batch_size"):
-            ints[key] = None
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise AdaDecodeConfigError(
-                f"adadecode '{key}' must be an integer >= {low}, got {value!r}")
-        ints[key] = value
-    if ints["lookup_max_match"] < ints["lookup_min_match"]:
+    num_spec = validate_num_speculative_tokens(
+        merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS))
+    # Every other setting checks itself (settings.SETTINGS).
+    values = {s.key: s.validate(merged.pop(s.key, s.default)) for s in SETTINGS
+            if s.kind in ("bool", "int", "fraction")
+            and s.key not in ("threshold", "num_speculative_tokens")}
+    if values["lookup_max_match"] < values["lookup_min_match"]:
         raise AdaDecodeConfigError(
-            f"adadecode 'lookup_max_match' ({ints['lookup_max_match']}) must be >= "
-            f"'lookup_min_match' ({ints['lookup_min_match']})")
-    if ints["lookup_max_tokens"] is not None and ints["lookup_max_tokens"] > num_spec:
+            f"adadecode 'lookup_max_match' ({values['lookup_max_match']}) must be >= "
+            f"'lookup_min_match' ({values['lookup_min_match']})")
+    if values["lookup_max_tokens"] is not None and values["lookup_max_tokens"] > num_spec:
         raise AdaDecodeConfigError(
-            f"adadecode 'lookup_max_tokens' ({ints['lookup_max_tokens']}) must be <= "
+            f"adadecode 'lookup_max_tokens' ({values['lookup_max_tokens']}) must be <= "
             f"'num_speculative_tokens' ({num_spec}): a step drafts at most that many tokens")
-    corpus_min_prob = merged.pop("corpus_min_prob", DEFAULT_CORPUS_MIN_PROB)
-    if (isinstance(corpus_min_prob, bool) or not isinstance(corpus_min_prob, (int, float))
-            or not 0.0 < corpus_min_prob <= 1.0):
-        raise AdaDecodeConfigError(
-            f"adadecode 'corpus_min_prob' must be a number in (0, 1], got {corpus_min_prob!r}")
-    if heads_path is not None and flags["lookup"] and flags["lookup_corpus"]:
+    if heads_path is not None and values["lookup"] and values["lookup_corpus"]:
         from .drafts.corpus import CorpusError, load_corpus_tokens
 
         try:  # a bad corpus file is refused at start, not in the first request
@@ -381,11 +275,9 @@ def resolve(
             raise AdaDecodeConfigError(f"adadecode 'heads': {e}") from None
     assert not merged, merged
     return AdaDecodeConfig(
-        corpus_min_prob=float(corpus_min_prob),
-        **ints,
+        **values,
         exit_layers=exit_layers,
         threshold=threshold,
         num_speculative_tokens=num_spec,
         heads=heads_path,
-        **flags,
     )

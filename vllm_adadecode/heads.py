@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .config import AdaDecodeConfigError
+from .errors import AdaDecodeConfigError
 from .head_designs import DESIGNS
 
 HEADS_FORMAT = "vllm-adadecode-exit-heads"

@@ -13,7 +13,7 @@ the target wherever the two distributions are close (the coupling).
 This module holds the pure parts: the key of (seed, position), the seeds drawn
 at arrival for requests without one, and the keys of the sampler call in
 progress. The noise itself is vLLM's CPU Gumbel-max kernel, reached through
-``patches.gumbel_argmax``.
+``engine.sampler.gumbel_argmax``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ engine's core in its job's process.
 
 Each line also gives, per output token, the CPU milliseconds (user, system) and
 minor page faults of every process: the frontend, vLLM's EngineCore and its
-Worker (docs/PERFORMANCE.md section 21).
+Worker (docs/performance/baselines.md).
 """
 
 import argparse

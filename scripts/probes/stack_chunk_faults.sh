@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where a plain engine's worker takes its page faults, and how many mmap/munmap
-# calls it makes, while it decodes (docs/PERFORMANCE.md section 21).
+# calls it makes, while it decodes (docs/performance/baselines.md).
 #   bash scripts/probes/stack_chunk_faults.sh vanilla
 #   bash scripts/probes/stack_chunk_faults.sh ada_nodrafts
 # Runs scripts/probes/plain_step_gap.py for one engine (256 tokens per prompt),

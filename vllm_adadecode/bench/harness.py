@@ -10,6 +10,10 @@ spread. One engine per method serves every dataset and concurrency of
 the sweep (its prefix cache is reset between runs).
 
 The JSON written by ``--out`` is documented in docs/BENCHMARKS.md.
+
+(Near 600 lines, one module on purpose: the run order, the tables, the JSON
+and the plot all read the same per-run records; split, each part would import
+the others.)
 """
 
 from __future__ import annotations

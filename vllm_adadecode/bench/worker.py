@@ -7,6 +7,10 @@ A job names the model, the speculative config (None for vanilla), the prompts
 concurrency (vLLM's max_num_seqs). ``run_job`` starts this in a child process
 with the CPU runtime environment, so only one engine exists at a time and it
 is fully gone when the child exits.
+
+(Near 600 lines, one module on purpose: the job itself and its two hosts, a
+child process per job and the long-lived ``JobHost``, share one code path, so
+both run exactly the same job.)
 """
 
 from __future__ import annotations
@@ -154,12 +158,12 @@ def _chat(tok, prompts: list[str]) -> list[str]:
 
 def _drafter_stats(llm) -> dict | None:
     """The AdaDecode drafter's counters (tensor-parallel ranks merged), reset on read."""
-    from ..patches import STATS_RPC
+    from ..engine.rpc import STATS_RPC
 
     per_worker = [s for s in llm.collective_rpc(STATS_RPC) if s]
     if not per_worker:
         return None
-    from ..proposer import merge_stats
+    from ..stats import merge_stats
 
     return merge_stats(per_worker)
 
@@ -167,7 +171,7 @@ def _drafter_stats(llm) -> dict | None:
 def _step_times(llm) -> dict | None:
     """Seconds per part of the engine's steps since the last read (tensor-parallel
     rank 0); the first call installs the timers."""
-    from ..patches import STEP_TIMES_RPC
+    from ..engine.rpc import STEP_TIMES_RPC
 
     times = [t for t in llm.collective_rpc(STEP_TIMES_RPC) if t]
     return times[0] if times else None
@@ -253,7 +257,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
                              use_tqdm=False)
         second = {"token_ids": [list(o.outputs[0].token_ids) for o in outs2],
                   "prefix_cache_hit_tokens": sum(o.num_cached_tokens or 0 for o in outs2)}
-    from ..patches import WORKER_INFO_RPC
+    from ..engine.rpc import WORKER_INFO_RPC
 
     workers = llm.collective_rpc(WORKER_INFO_RPC) if job.get("worker_info") else None
     token_ids = [list(o.outputs[0].token_ids) for o in outs]
@@ -364,7 +368,7 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
     for k, run in enumerate(runs):
         texts = _chat(tok, run["prompts"])
         llm.reset_prefix_cache()
-        from ..patches import RESET_RPC
+        from ..engine.rpc import RESET_RPC
 
         llm.collective_rpc(RESET_RPC)  # no run drafts from another run's answers
         before = _counters(llm)

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..governor import bucket, bucket_name
+from .governor import bucket, bucket_name
 
 # Relative cost of one forward over n new tokens (index n), batch 1; measured
 # 1.10 (2), 1.21 (4), 1.29 (6), 1.45 (8), 1.54 (16), linear in between.

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CorpusError
+
 CORPUS_FILE = "corpus.safetensors"
 CORPUS_KEY = "corpus.tokens"  # int32 token ids, responses separated by SEPARATOR
 SEPARATOR = -1
@@ -34,10 +36,6 @@ _BASE = 0x9E3779B97F4A7C15  # odd: multiplication is a bijection mod 2^64
 _LEN_MIX = 0xC2B2AE3D27D4EB4F
 
 
-class CorpusError(ValueError):
-    pass
-
-
 def _mix(h, n):
     """The key of a context hash ``h`` of length ``n`` (numpy uint64 or int)."""
     if isinstance(h, np.ndarray):
@@ -46,6 +44,10 @@ def _mix(h, n):
 
 
 class DraftCorpus:
+    """The model's most frequent continuations in its own responses."""
+
+    name = "corpus"
+
     def __init__(self, tokens: np.ndarray, *, min_n: int = 1, max_n: int = 8,
                  min_prob: float = 0.4):
         tokens = np.asarray(tokens, dtype=np.int64)

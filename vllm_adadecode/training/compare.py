@@ -49,7 +49,7 @@ def head_extra_ms(design_name: str, d: int, repeats: int = 200) -> dict[str, flo
     prepacked weights); "cost" is the cheaper, which a drafter would use. In
     the engine an attention head would also project its newest state's key and
     value once per verified token; that is not counted here."""
-    from .. import patches
+    from ..engine.model import cpu_linear
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(1, d)
@@ -59,7 +59,7 @@ def head_extra_ms(design_name: str, d: int, repeats: int = 200) -> dict[str, flo
     def timed(ds, onednn):
         p = ds.init(d, g)
         if onednn:
-            packed = {id(w): patches.cpu_linear(w) for w in p.values() if w.dim() == 2}
+            packed = {id(w): cpu_linear(w) for w in p.values() if w.dim() == 2}
             linear = lambda x, w: packed[id(w)](x)  # noqa: E731
         else:
             linear = torch.nn.functional.linear

@@ -1,12 +1,12 @@
 """Time (and cProfile) vLLM decoding of 3 MT-Bench eval prompts at batch 1.
 
     eval "$(python -m vllm_adadecode.cpu_env --print-env)"
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/profile_step.py vanilla   # in-process: cProfile sees the forward
-    VLLM_ENABLE_V1_MULTIPROCESSING=1 python scripts/profile_step.py ngram     # vLLM's default multiprocess engine
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/probes/profile_step.py vanilla   # in-process: cProfile sees the forward
+    VLLM_ENABLE_V1_MULTIPROCESSING=1 python scripts/probes/profile_step.py ngram     # vLLM's default multiprocess engine
 
 Prints "RESULT <method>: <tokens> tokens <s> <tok/s>" and the cProfile tables
 (tottime, cumtime) of the timed generate call. Engines are eager unless
---compiled. docs/PERFORMANCE.md section 1 quotes it. To sample the worker
+--compiled. docs/performance/step-time.md quotes it. To sample the worker
 process instead, run it in the background and attach py-spy:
     py-spy record -p $(pgrep -f VLLM::Worker | head -1) -d 10 -r 200 -f raw -o worker.txt
 """

@@ -25,7 +25,7 @@ tokens the drafting steps emitted over all their time, against the same for
 their plain partners. Not by the median of per-pair ratios: a lookup draft is
 either rejected (its step a little slower, most steps) or accepted several
 tokens deep (two to four times the tokens, fewer steps), so the median pair
-loses while the total gains (docs/PERFORMANCE.md section 9, attempt 3).
+loses while the total gains (docs/performance/lookup-and-corpus.md, attempt 3).
 
 A step is labelled by what it did (``drafted``): a step allowed to draft in
 which no request had a draft is a plain step.

@@ -1,7 +1,7 @@
 """Two ways of compiling the drafter's layer segments, timed in one engine.
 
     eval "$(python -m vllm_adadecode.cpu_env --print-env)"
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/segment_compile_ab.py [--swap]
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/probes/segment_compile_ab.py [--swap]
 
 Every layer segment is built twice: as LayerSegments builds it (static shapes
 except the token dimension) and with ``torch.compile(dynamic=True)`` (every
@@ -10,7 +10,8 @@ segment alternate between the two, on the same inputs and in the same forward
 context, so host drift hits both alike; ``--swap`` flips which build takes the
 odd calls. Decodes 4 HumanEval eval prompts x 128 tokens at batch 1 with the
 shipped heads, drafting on every step, and prints the median time per call by
-build, layer range and rows. docs/PERFORMANCE.md section 8 quotes it.
+build, layer range and rows. docs/performance/segments.md (static shapes except
+the token dimension) quotes it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from vllm_adadecode import patches
+    from vllm_adadecode.engine import segments as patches
     from vllm_adadecode import prompts as data
     from vllm_adadecode.models import packaged_model_dir
 

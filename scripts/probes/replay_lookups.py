@@ -1,6 +1,6 @@
 """Offline replay of lookup and corpus drafts on the model's own greedy answers.
 
-    .venv/bin/python scripts/replay_lookups.py [--dataset mtbench,humaneval] \
+    .venv/bin/python scripts/probes/replay_lookups.py [--dataset mtbench,humaneval] \
         [--num-prompts 40] [--max-tokens 128] [--min-prob 0.1,0.4,0.7] \
         [--heads DIR] [--fractions 1]
 
@@ -13,8 +13,8 @@ as exact-match verification would. Prints tokens per step and the step-cost
 ratio under the batch-1 costs of drafts/adapt.VERIFY_COST (drafts always at
 full length, no back-off, no fixed costs: an upper bound on what the engine
 sees). ``--fractions 0.125,0.25,0.5,1`` replays against the first part of the
-corpus's answers as well (how much a larger corpus buys). docs/PERFORMANCE.md
-sections 11 and 17 quote it.
+corpus's answers as well (how much a larger corpus buys). docs/performance/drafts.md
+(corpus drafts, and a corpus three times larger) quotes it.
 """
 
 from __future__ import annotations

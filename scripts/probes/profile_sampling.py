@@ -1,13 +1,14 @@
-"""Time the sampling path of one engine in this process (docs/PERFORMANCE.md section 10).
+"""Time the sampling path of one engine in this process (docs/performance/backoff.md,
+"Where the extra sampling time went").
 
     eval "$(.venv/bin/python -m vllm_adadecode.cpu_env --print-env)"
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/profile_sampling.py adadecode
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/profile_sampling.py vanilla
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/probes/profile_sampling.py adadecode
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/probes/profile_sampling.py vanilla
 
 16 MT-Bench eval prompts at concurrency 16, 128 greedy tokens, after one warm
 pass. Prints tokens/s, the runner's step split (seconds) and the calls to and
 time in vLLM's RejectionSampler.forward. For a sampled profile, run it under
-``py-spy record -r 200 -f raw -o OUT -- python scripts/profile_sampling.py ...``.
+``py-spy record -r 200 -f raw -o OUT -- python scripts/probes/profile_sampling.py ...``.
 """
 
 import collections

@@ -2,11 +2,12 @@
 torch.compile graphs built so far (in-process, one request at a time).
 
     eval "$(python -m vllm_adadecode.cpu_env --print-env)"
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/first_request.py '{"method": "adadecode", "adaptive": false}'
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/probes/first_request.py '{"method": "adadecode", "adaptive": false}'
 
 Uses the packaged SmolLM2 (fp32, compiled) and the first 4 HumanEval eval
 prompts x 128 tokens, greedy. A graph count that grows after "START" means a
-request waited for a compilation. docs/PERFORMANCE.md section 7 quotes it.
+request waited for a compilation. docs/performance/segments.md ("Compiling the
+layer segments at engine start") quotes it.
 """
 
 from __future__ import annotations
