@@ -54,6 +54,16 @@ TINY = dict(
 )
 
 
+def _save_tiny(model, tok, out: Path, tokenizer_dir: str) -> Path:
+    """Save a tiny model with SmolLM2's tokenizer and chat template."""
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    template = Path(tokenizer_dir) / "chat_template.jinja"
+    if template.exists():
+        shutil.copy(template, out / template.name)
+    return out
+
+
 def build_tiny_llama(out: Path, tokenizer_dir: str, seed: int = 0) -> Path:
     """A random Llama with SmolLM2's tokenizer, saved as an HF folder."""
     import torch
@@ -72,12 +82,7 @@ def build_tiny_llama(out: Path, tokenizer_dir: str, seed: int = 0) -> Path:
     model = LlamaForCausalLM(cfg).to(torch.float32)
     with torch.no_grad():  # peakier logits: some exits are confident
         model.model.embed_tokens.weight.mul_(2.0)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    for f in ("chat_template.jinja",):
-        if (Path(tokenizer_dir) / f).exists():
-            shutil.copy(Path(tokenizer_dir) / f, out / f)
-    return out
+    return _save_tiny(model, tok, out, tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
@@ -108,12 +113,7 @@ def build_tiny_qwen2(out: Path, tokenizer_dir: str, seed: int = 0) -> Path:
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0.0, 0.1)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    for f in ("chat_template.jinja",):
-        if (Path(tokenizer_dir) / f).exists():
-            shutil.copy(Path(tokenizer_dir) / f, out / f)
-    return out
+    return _save_tiny(model, tok, out, tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
