@@ -44,6 +44,10 @@ from .policy import draft_budget
 from .stats import DrafterStats
 
 
+# A request that drafted nothing last step (its tokens still count as greedy steps).
+_NOTHING_PENDING = PendingDraft([], False, 0, "lookup", "greedy")
+
+
 class AdaDecodeProposer(RunnerDrafter):
     """vLLM drafter (loaded through vLLM's custom-class proposer hook)."""
 
@@ -275,9 +279,7 @@ class AdaDecodeProposer(RunnerDrafter):
                 continue
             req = batch.req_id(row)
             accepted = len(sampled) - 1
-            p = pending.get(req)
-            if p is None:
-                p = PendingDraft([], False, 0, "lookup", "greedy")
+            p = pending.get(req, _NOTHING_PENDING)
             self.counters.verified(p, accepted)
             if p.n_lookup:
                 self.adapt.lookup_verified(req, p.n_lookup, min(accepted, p.n_lookup),
