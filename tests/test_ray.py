@@ -147,7 +147,12 @@ def test_served_over_ray_answers_then_fails_clearly_when_a_worker_dies(
         t = threading.Thread(target=stream, daemon=True)
         t.start()
         assert streaming.wait(120), "no token streamed within 2 minutes"
-        time.sleep(1)
+        # Kill only once the stream is flowing (several chunks in), so slow
+        # first steps on a slower machine cannot be mistaken for the failure.
+        deadline = time.time() + 120
+        while len(outcome["chunks"]) < 3 and "result" not in outcome and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(outcome["chunks"]) >= 3, f"fewer than 3 chunks streamed in 2 minutes: {outcome}"
         assert "result" not in outcome, f"the stream ended before the kill: {outcome}"
         workers = [p for p in _ray_processes()
                    if "RayWorkerProc" in " ".join(p.cmdline() or [p.name()])]
