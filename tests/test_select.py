@@ -68,3 +68,23 @@ def test_compare_heads_gate_without_shipped_heads_is_not_applied():
 
     gate = _gate([_row("mlp", 2, 3.0)], 0.10)["gate"]
     assert gate["passed"] == [] and "not applied" in gate["finding"]
+
+
+def test_cost_model_follows_the_packaged_model_and_flags_override_fields():
+    from vllm_adadecode.cli import build_parser
+    from vllm_adadecode.training.pipeline import _cost_model
+    from vllm_adadecode.training.select import MEASURED_COSTS, cost_model_for
+
+    assert cost_model_for(None) == CostModel()
+    big = cost_model_for("/cache/models/Qwen2.5-Coder-1.5B-Instruct")
+    assert big == MEASURED_COSTS["Qwen2.5-Coder-1.5B-Instruct"]
+    # A deeper, wider model: each layer and the LM head cost more than SmolLM2's.
+    assert big.vanilla_layer_ms > 10 * CostModel().vanilla_layer_ms
+    assert big.step_overhead_ms > CostModel().step_overhead_ms
+    assert cost_model_for("/somewhere/unknown-model") == CostModel()
+    args = build_parser().parse_args(
+        ["train-heads", "--model", "/m/Qwen2.5-Coder-0.5B-Instruct", "--out", "/tmp/x",
+         "--check-ms", "2.5"])
+    got = _cost_model(args)
+    assert got.check_ms == 2.5
+    assert got.layer_ms == MEASURED_COSTS["Qwen2.5-Coder-0.5B-Instruct"].layer_ms

@@ -535,8 +535,9 @@ def _add_cost_model_args(parser, purpose: str) -> None:
     from .training.select import CostModel
 
     for f, default in vars(CostModel()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=float, default=default,
-                            help=f"cost model {purpose} (default {default})")
+        parser.add_argument(f"--{f.replace('_', '-')}", type=float, default=None,
+                            help=f"cost model {purpose} (default: measured for the packaged "
+                                 f"model, training/select.py MEASURED_COSTS; else {default})")
 
 
 def main(argv: list[str] | None = None) -> int:

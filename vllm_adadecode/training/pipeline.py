@@ -14,7 +14,7 @@ from ..head_designs import DESIGNS, MAX_STALENESS
 from ..heads import ExitHeads, base_model_fingerprint
 from . import data as D
 from .evaluate import evaluate, exit_stats, write
-from .select import CostModel, choose, simulate
+from .select import CostModel, choose, cost_model_for, simulate
 from .train import FrozenHead, train_heads
 
 
@@ -33,8 +33,10 @@ def _model_config(model_dir: str) -> dict:
 
 
 def _cost_model(args) -> CostModel:
-    """The cost model from the command's --*-ms flags (cli._add_cost_model_args)."""
-    return CostModel(**{f: getattr(args, f) for f in CostModel.__dataclass_fields__})
+    """The model's measured cost model, with the command's --*-ms flags over it
+    (cli._add_cost_model_args)."""
+    return cost_model_for(args.model, **{f: getattr(args, f, None)
+                                         for f in CostModel.__dataclass_fields__})
 
 
 def _load_hf(model_dir: str):

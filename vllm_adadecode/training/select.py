@@ -32,11 +32,12 @@ extra layers twice.
 The choice maximising predicted speedup over vanilla decoding wins.
 ``CostModel`` defaults were measured on this project's 2-core CPU machines with
 SmolLM2-135M-Instruct (fp32, batch 1, compiled; ``scripts/time_step.py``,
-docs/HEADS.md); pass your own for other machines or models.
+docs/HEADS.md); ``MEASURED_COSTS`` holds each packaged model's, and the
+commands' --*-ms flags override single fields for other machines or models.
 """
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -52,6 +53,36 @@ class CostModel:
     draft_layer_ms: float = 0.65  # one decoder layer in a draft attempt (one row)
     check_ms: float = 1.55  # one exit check: exit head, shortlist screen, full LM head if passed
     attempt_ms: float = 1.2  # fixed cost of one draft attempt (embedding, bookkeeping, dispatch)
+
+
+# The cost model per packaged model. SmolLM2's is the dataclass's defaults
+# (compiled, measured on the drafter as built). The Qwen models' come from
+# scripts/model_costs.py (eager, batch 1; docs/results/models/costs_*.json):
+# step_overhead_ms is the LM head plus the step's rest; vanilla_layer_ms and
+# draft_layer_ms one decoder layer over one row; layer_ms one layer over the
+# 6 rows of a verification step (the measured 6-row ratio); check_ms about a
+# third of the LM head, SmolLM2's measured share (the exit head, the shortlist
+# screen, and the full LM head when the screen passes).
+MEASURED_COSTS = {
+    "SmolLM2-135M-Instruct": CostModel(),
+    "Qwen2.5-Coder-0.5B-Instruct": CostModel(
+        step_overhead_ms=23.1, vanilla_layer_ms=2.88, layer_ms=3.25, draft_layer_ms=2.88,
+        check_ms=6.0, attempt_ms=1.2),
+    "Qwen2.5-Coder-1.5B-Instruct": CostModel(
+        step_overhead_ms=54.3, vanilla_layer_ms=10.38, layer_ms=11.95, draft_layer_ms=10.38,
+        check_ms=14.5, attempt_ms=1.2),
+}
+
+
+def cost_model_for(model: str | None, **given: float | None) -> CostModel:
+    """The measured cost model of a packaged model (by its folder's name; None
+    is the default SmolLM2), else SmolLM2's; ``given`` values that are not
+    None override single fields (the commands' --*-ms flags)."""
+    from pathlib import Path
+
+    name = "SmolLM2-135M-Instruct" if model is None else Path(str(model)).name
+    base = MEASURED_COSTS.get(name, CostModel())
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def simulate(conf: torch.Tensor, right: torch.Tensor, seq_ids: torch.Tensor, layers: list[int],
