@@ -44,6 +44,13 @@ def smollm2() -> str:
     return str(packaged_model_dir())
 
 
+@pytest.fixture(scope="session")
+def qwen05b() -> str:
+    from vllm_adadecode.models import packaged_model_dir
+
+    return str(packaged_model_dir("Qwen2.5-Coder-0.5B-Instruct"))
+
+
 TINY = dict(
     hidden_size=256,
     intermediate_size=512,

@@ -1,31 +1,44 @@
-"""The exit heads shipped for SmolLM2-135M-Instruct."""
+"""The exit heads and corpora shipped for SmolLM2-135M-Instruct and
+Qwen2.5-Coder-0.5B-Instruct."""
 
 import json
 
+import pytest
+
 from vllm_adadecode.heads import SHIPPED_DIR, ExitHeads, base_model_fingerprint
 
-SMOL_HEADS = SHIPPED_DIR / "SmolLM2-135M-Instruct"
+# (folder, model fixture, hidden size, vocabulary, shortlist size)
+SHIPPED = [("SmolLM2-135M-Instruct", "smollm2", 576, 49152, 4096),
+           ("Qwen2.5-Coder-0.5B-Instruct", "qwen05b", 896, 151936, 1423)]
 
 
-def test_shipped_heads_match_the_packaged_model(smollm2):
-    heads = ExitHeads.load(SMOL_HEADS)
-    assert heads.base_model_fingerprint == base_model_fingerprint(smollm2)
-    assert heads.hidden_size == 576 and heads.metadata["trained"] is True
-    assert (SMOL_HEADS / "exit_heads.safetensors").stat().st_size < 10 * 2**20  # small
+@pytest.fixture(params=SHIPPED, ids=[s[0] for s in SHIPPED])
+def shipped(request):
+    name, fixture, hidden, vocab, shortlist = request.param
+    return dict(heads=SHIPPED_DIR / name, model=request.getfixturevalue(fixture),
+                hidden=hidden, vocab=vocab, shortlist=shortlist)
+
+
+def test_shipped_heads_match_the_packaged_model(shipped):
+    folder = shipped["heads"]
+    heads = ExitHeads.load(folder)
+    assert heads.base_model_fingerprint == base_model_fingerprint(shipped["model"])
+    assert heads.hidden_size == shipped["hidden"] and heads.metadata["trained"] is True
+    assert (folder / "exit_heads.safetensors").stat().st_size < 10 * 2**20  # small
     # the vocabulary shortlist covers most of the model's held-out response tokens
-    assert heads.shortlist is not None and heads.shortlist.numel() == 4096
-    assert int(heads.shortlist.max()) < 49152
+    assert heads.shortlist is not None and heads.shortlist.numel() == shipped["shortlist"]
+    assert int(heads.shortlist.max()) < shipped["vocab"]
     assert heads.metadata["training"]["shortlist_held_out_coverage"] > 0.8
 
 
-def test_shipped_heads_are_the_default_for_their_model(smollm2):
+def test_shipped_heads_are_the_default_for_their_model(shipped):
     from vllm.engine.arg_utils import EngineArgs
 
-    cfg = EngineArgs(model=smollm2, speculative_config={"method": "adadecode"}) \
+    cfg = EngineArgs(model=shipped["model"], speculative_config={"method": "adadecode"}) \
         .create_engine_config()
     ada = cfg.additional_config["adadecode"]
-    heads = ExitHeads.load(SMOL_HEADS)
-    assert ada["heads"] == str(SMOL_HEADS.resolve())
+    heads = ExitHeads.load(shipped["heads"])
+    assert ada["heads"] == str(shipped["heads"].resolve())
     assert ada["exit_layers"] == heads.exit_layers and ada["threshold"] == heads.threshold
 
 
@@ -37,11 +50,12 @@ def test_shipped_heads_are_not_used_for_another_model(tiny_llama):
     assert cfg.additional_config["adadecode"]["heads"] is None
 
 
-def test_training_prompts_are_disjoint_from_every_evaluated_prompt():
+@pytest.mark.parametrize("name", [s[0] for s in SHIPPED])
+def test_training_prompts_are_disjoint_from_every_evaluated_prompt(name):
     from vllm_adadecode import prompts as P
     from vllm_adadecode.training.data import load_prompts
 
-    t = json.loads((SMOL_HEADS / "config.json").read_text())["training"]
+    t = json.loads((SHIPPED_DIR / name / "config.json").read_text())["training"]
     train = load_prompts(t["data"], t["num_prompts"], t["seed"])
     assert len(train) == t["num_prompts"]
     evaluated = {p.text for p in P.humaneval("eval") + P.mtbench("eval") + P.sharegpt("eval")}
@@ -57,19 +71,21 @@ def test_explicit_layers_outside_the_shipped_heads_use_identity_heads(smollm2):
         assert cfg.additional_config["adadecode"]["heads"] is None
 
 
-def test_shipped_corpus_is_the_models_answers_to_training_prompts_only():
+@pytest.mark.parametrize("name, vocab", [(s[0], s[3]) for s in SHIPPED])
+def test_shipped_corpus_is_the_models_answers_to_training_prompts_only(name, vocab):
     import numpy as np
 
     from vllm_adadecode import prompts as P
     from vllm_adadecode.drafts.corpus import DraftCorpus, load_corpus_tokens
     from vllm_adadecode.training.data import load_prompts
 
-    c = json.loads((SMOL_HEADS / "config.json").read_text())["corpus"]
+    folder = SHIPPED_DIR / name
+    c = json.loads((folder / "config.json").read_text())["corpus"]
     prompts = load_prompts(c["data"], c["num_prompts"], c["seed"])
     assert len(prompts) == c["num_prompts"]
     evaluated = {p.text for p in P.humaneval("eval") + P.mtbench("eval") + P.sharegpt("eval")
                  + P.documents("eval")}
     assert evaluated and not evaluated & {p.text for p in prompts}
-    tokens = load_corpus_tokens(SMOL_HEADS, vocab_size=49152)
+    tokens = load_corpus_tokens(folder, vocab_size=vocab)
     assert int((tokens == -1).sum()) <= c["num_prompts"]  # one separator per answer
     assert DraftCorpus(tokens).num_tokens == c["tokens"] == int(np.sum(tokens >= 0))

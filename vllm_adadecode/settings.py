@@ -137,8 +137,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lookup_corpus", "bool", True,
             "when neither finds a match, draft the model's own most frequent continuation "
             "of the request's last 1-8 tokens, from the heads folder's corpus of its answers "
-            "to training prompts (`corpus.safetensors`; the shipped SmolLM2 heads have one); "
-            "judged apart from repeats, with its own acceptance estimate per request"),
+            "to training prompts (`corpus.safetensors`; the shipped SmolLM2 and "
+            "Qwen2.5-Coder-0.5B heads have one); judged apart from repeats, with its own acceptance estimate per request"),
     Setting("corpus_min_prob", "fraction", 0.4,
             "a corpus draft continues while the product of its tokens' frequencies in the "
             "corpus stays at or above this"),
