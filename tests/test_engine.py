@@ -332,3 +332,10 @@ def test_shortlist_screen_keeps_every_exit_decision(engine, tiny_llama, tiny_sho
     assert off["token_ids"] == van["token_ids"]
     assert off["drafter"]["full_head_evals"] == off["drafter"]["head_evals"] > 0
     assert off["drafter"]["exits"] == full["drafter"]["exits"]
+    # "full_head_check": false: greedy drafts exit on the shortlist's top-1 and
+    # never reach the full LM head; verification keeps vanilla's tokens
+    quick = _tiny(engine, tiny_llama, speculative_config={
+        **TINY_SPEC, "heads": tiny_shortlist_heads["half"], "full_head_check": False})
+    assert quick["token_ids"] == van["token_ids"]
+    assert quick["drafter"]["full_head_evals"] == 0 < quick["drafter"]["head_evals"]
+    assert quick["spec"]["num_draft_tokens"] > 0

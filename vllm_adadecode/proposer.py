@@ -111,7 +111,8 @@ class AdaDecodeProposer(RunnerDrafter):
             boundaries=[x + 1 for x in config.exit_layers])
         self.early_exit = EarlyExitDrafter(
             model, self.segments, heads, exit_layers=config.exit_layers,
-            threshold=config.threshold, use_shortlist=config.shortlist, stats=self.counters)
+            threshold=config.threshold, use_shortlist=config.shortlist, stats=self.counters,
+            full_head_check=config.full_head_check)
         if config.deferred:
             self.verification = DeferredVerification(model, self.segments, self.counters)
             self.deferred_forward = self.verification.forward

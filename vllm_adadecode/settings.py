@@ -114,6 +114,11 @@ SETTINGS: tuple[Setting, ...] = (
             "screen exit checks on the heads folder's vocabulary shortlist (when it has one) "
             "and run the full LM head only for rows that pass; no exit on a shortlisted "
             "token is lost"),
+    Setting("full_head_check", "bool", True,
+            "confirm a shortlist-screened exit on the full LM head; `false`: a greedy "
+            "request's draft exits on the shortlist's top-1 when its shortlist probability "
+            "reaches the threshold, with no full LM head while drafting (sampled requests "
+            "keep it); output is unchanged either way, only which drafts are made"),
     Setting("lookup", "bool", True,
             "lookup drafts: the tokens that followed the longest earlier occurrence of the "
             "request's newest tokens (prompt and output so far), found with vLLM's own "

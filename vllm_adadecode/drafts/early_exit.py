@@ -31,7 +31,8 @@ class EarlyExitDrafter:
     """Drafts with the target's first layers and the exit heads at ``exit_layers``."""
 
     def __init__(self, model: ModelAdapter, segments: LayerSegments, heads: ExitHeads, *,
-                 exit_layers, threshold: float, use_shortlist: bool, stats):
+                 exit_layers, threshold: float, use_shortlist: bool, stats,
+                 full_head_check: bool = True):
         self.model = model
         self.segments = segments
         self.exit_layers = tuple(exit_layers)
@@ -43,6 +44,7 @@ class EarlyExitDrafter:
             x: None if heads.is_identity(x) else heads.transforms[x].to(dtype)
             for x in self.exit_layers
         }
+        self.full_head_check = full_head_check
         self.shortlist = None  # (token ids, their LM-head rows, logit scale)
         if use_shortlist and heads.shortlist is not None:
             rows = model.lm_head_rows(heads.shortlist)
@@ -101,7 +103,9 @@ class EarlyExitDrafter:
             self.stats.head_evals += len(reqs)
             depth = exit_layer
             ends = torch.tensor(q_lens).cumsum(0) - 1  # row of each newest token
-            token, prob, full = self._exit_top1(exit_layer, hidden[ends], residual[ends])
+            sampled = [d.sampled is not None for d in reqs]
+            token, prob, full = self._exit_top1(exit_layer, hidden[ends], residual[ends],
+                                                sampled)
             go = exits(prob, self.threshold)
             if any(d.sampled for d in reqs):
                 token = self._couple(reqs, token, go, full)
@@ -138,7 +142,8 @@ class EarlyExitDrafter:
             alive = [alive[j] for j in still]
         return exited
 
-    def _exit_top1(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor):
+    def _exit_top1(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor,
+                   sampled: list[bool]):
         """Top-1 token and probability of the exit head, per row.
 
         With a shortlist, rows are screened on the shortlist's LM-head rows
@@ -146,7 +151,11 @@ class EarlyExitDrafter:
         p_short(t) >= p_full(t) (fewer terms in the denominator), so a row whose
         shortlist top-1 is below the threshold cannot exit on a shortlisted
         token; it keeps that (upper-bound) probability and does not exit. Rows
-        that pass are decided on the full LM head, exactly as without a shortlist.
+        that pass are decided on the full LM head, exactly as without a shortlist,
+        unless ``full_head_check`` is off: then a greedy row that passes exits on
+        its shortlist top-1 with no full LM head (verification still decides
+        what is kept); sampled rows always take the full head, whose
+        distribution their draw needs.
         """
         transform = self.transforms[exit_layer]
         if transform is None:
@@ -161,7 +170,10 @@ class EarlyExitDrafter:
         ids, rows, scale = self.shortlist
         best, prob = top1((normed @ rows.T) * scale)
         token = ids[best]
-        maybe = exits(prob, self.threshold).nonzero().squeeze(1)
+        passed = exits(prob, self.threshold)
+        if not self.full_head_check:
+            passed = passed & torch.tensor(sampled, dtype=torch.bool)
+        maybe = passed.nonzero().squeeze(1)
         logits = None
         if maybe.numel():
             self.stats.full_head_evals += maybe.numel()
