@@ -59,17 +59,21 @@ class CostModel:
 # (compiled, measured on the drafter as built). The Qwen models' come from
 # scripts/model_costs.py (eager, batch 1; docs/results/models/costs_*.json):
 # step_overhead_ms is the LM head plus the step's rest; vanilla_layer_ms and
-# draft_layer_ms one decoder layer over one row; layer_ms one layer over the
-# 6 rows of a verification step (the measured 6-row ratio); check_ms about a
-# third of the LM head, SmolLM2's measured share (the exit head, the shortlist
-# screen, and the full LM head when the screen passes).
+# draft_layer_ms one decoder layer over one row; check_ms about a third of the
+# LM head, SmolLM2's measured share (the exit head, the shortlist screen, and
+# the full LM head when the screen passes). layer_ms is one layer in a
+# verification step with 5 drafted rows, scaled by the engine's own fit of
+# decoding steps against lookup-drafted rows (drafts/adapt.py::StepCost, in
+# docs/results/models/bench_qwen*_c1.json): each row added about 7.4 ms to a
+# 79 ms step on the 0.5B (x1.46 for 5 rows) and about 20 ms to a 260 ms step
+# on the 1.5B (x1.38).
 MEASURED_COSTS = {
     "SmolLM2-135M-Instruct": CostModel(),
     "Qwen2.5-Coder-0.5B-Instruct": CostModel(
-        step_overhead_ms=23.1, vanilla_layer_ms=2.88, layer_ms=3.25, draft_layer_ms=2.88,
+        step_overhead_ms=23.1, vanilla_layer_ms=2.88, layer_ms=4.2, draft_layer_ms=2.88,
         check_ms=6.0, attempt_ms=1.2),
     "Qwen2.5-Coder-1.5B-Instruct": CostModel(
-        step_overhead_ms=54.3, vanilla_layer_ms=10.38, layer_ms=11.95, draft_layer_ms=10.38,
+        step_overhead_ms=54.3, vanilla_layer_ms=10.38, layer_ms=14.3, draft_layer_ms=10.38,
         check_ms=14.5, attempt_ms=1.2),
 }
 
