@@ -45,7 +45,7 @@ from .stats import DrafterStats
 
 
 # A request that drafted nothing last step (its tokens still count as greedy steps).
-_NOTHING_PENDING = PendingDraft([], False, 0, "lookup", "greedy")
+_NOTHING_PENDING = PendingDraft((), False, 0, "lookup", "greedy")
 
 
 class AdaDecodeProposer(RunnerDrafter):

@@ -94,11 +94,11 @@ class RequestDraft:
         return len(self.drafted) < self.budget
 
 
-@dataclass
+@dataclass(frozen=True)
 class PendingDraft:
     """A request's drafts proposed in one step, judged by the next step's tokens."""
 
-    origins: list[Origin]
+    origins: Sequence[Origin]
     self_attempt: bool
     n_lookup: int
     lookup_kind: str

@@ -107,7 +107,7 @@ class EarlyExitDrafter:
             token, prob, full = self._exit_top1(exit_layer, hidden[ends], residual[ends],
                                                 sampled)
             go = exits(prob, self.threshold)
-            if any(d.sampled for d in reqs):
+            if any(sampled):
                 token = self._couple(reqs, token, go, full)
             go = go.tolist()
             token = token.tolist()
