@@ -33,11 +33,13 @@ from .drafts.cache import ResponseCache
 from .drafts.corpus import DraftCorpus, load_corpus_tokens
 from .drafts.early_exit import EarlyExitDrafter
 from .drafts.lookup import SequenceLookup
+from .drafts.tree import build_tree
 from .engine import install, sampler
 from .engine.drafter import RunnerDrafter
 from .engine.model import ModelAdapter
 from .engine.runner import RunnerBatch, compile_layers_enabled, dynamo_graphs
 from .engine.segments import LayerSegments
+from .engine.tree import TreeVerification
 from .engine.verify import DeferredVerification, DraftedStates
 from .heads import ExitHeads
 from .policy import draft_budget
@@ -78,6 +80,8 @@ class AdaDecodeProposer(RunnerDrafter):
                 tokens = load_corpus_tokens(config.heads)  # checked at engine start
                 if tokens is not None:
                     self.corpus = DraftCorpus(tokens, min_prob=config.corpus_min_prob)
+        # Token trees: branches from other occurrences of the request's suffix.
+        self.trees = TreeVerification() if config.tree and self.lookup is not None else None
         self.early_exit: EarlyExitDrafter | None = None  # built in load_model
         self.verification: DeferredVerification | None = None
         self.segments: LayerSegments | None = None
@@ -162,13 +166,34 @@ class AdaDecodeProposer(RunnerDrafter):
                 drafting.append(d)
         if drafting:
             self.early_exit.draft(batch, drafting)
+        if self.trees is not None:
+            for d in requests:
+                self._grow_tree(batch, d)
         self.backoff.drafted(n_active, sum(len(d.drafted) for d in requests), bool(drafting))
         if self._step_log is not None:
             self._log_step(n_active, batch.num_reqs, sampled_token_ids, requests, joined)
         for d in requests:
-            out[d.row] = d.drafted
+            out[d.row] = list(d.tree.tokens) if d.tree is not None else d.drafted
             self._record(d)
         return out
+
+    def _grow_tree(self, batch: RunnerBatch, d: RequestDraft) -> None:
+        """Branches beside a plain greedy request's draft: the continuations of
+        other earlier occurrences of its newest tokens, in the nodes its
+        budget leaves."""
+        if not d.drafted or d.sampled is not None or not batch.plain_greedy(d.row):
+            return
+        nodes = min(len(d.drafted) + self.config.tree_nodes,
+                    draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
+                                 d.position - len(d.drafted), self.max_model_len))
+        if nodes <= len(d.drafted):
+            return
+        t0 = time.perf_counter()
+        alternatives = self.lookup.continuations(batch.token_ids(d.row), nodes,
+                                                 2 * self.config.tree_branches)
+        d.tree = build_tree(d.drafted, alternatives, max_nodes=nodes,
+                            max_branches=self.config.tree_branches)
+        self.counters.lookup_seconds += time.perf_counter() - t0
 
     def _requests(self, batch: RunnerBatch, sampled_token_ids) -> list[RequestDraft]:
         """A draft for each request that may draft this step: it sampled a
@@ -254,6 +279,8 @@ class AdaDecodeProposer(RunnerDrafter):
             c.steps_by_sources["+".join(k for k, n in (("lookup", d.n_lookup),
                                                         ("exit", n_exit)) if n)] += 1
             c.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
+        if d.tree is not None:
+            self.trees.hold(d.req_id, d.tree)
         if d.drafted or d.self_attempt:
             self._pending[d.req_id] = PendingDraft(
                 d.origins, d.self_attempt, d.n_lookup, d.lookup_kind,
@@ -268,7 +295,8 @@ class AdaDecodeProposer(RunnerDrafter):
                 residual.append(d.tail.residual)
                 depth.append(d.tail.depth)
             self.verification.hold(d.req_id, DraftedStates(
-                d.position - len(d.drafted), depth, hidden, residual, len(d.drafted)))
+                d.position - len(d.drafted), depth, hidden, residual, len(d.drafted),
+                extra=d.tree.off_chain if d.tree is not None else 0))
 
     # ---- bookkeeping -----------------------------------------------------------
     def _settle(self, batch: RunnerBatch, sampled_token_ids: list[list[int]]) -> None:
@@ -280,6 +308,12 @@ class AdaDecodeProposer(RunnerDrafter):
                 continue
             req = batch.req_id(row)
             accepted = len(sampled) - 1
+            tree = self.trees.settled.pop(req, None) if self.trees is not None else None
+            if tree is not None:
+                # Verified as a tree: the main chain's own drafts held for its
+                # agreeing prefix only.
+                self.counters.tree_verified(*tree)
+                accepted = tree[1]
             p = pending.get(req, _NOTHING_PENDING)
             self.counters.verified(p, accepted)
             if p.n_lookup:
@@ -289,7 +323,7 @@ class AdaDecodeProposer(RunnerDrafter):
                 # The self-drafts were judged only if every source token before them held.
                 self.adapt.self_verified(req, accepted - p.n_lookup)
             if self.per_request:
-                self.counters.per_request(req, accepted)
+                self.counters.per_request(req, len(sampled) - 1)
 
     def _track(self, batch: RunnerBatch) -> bool:
         """Requests that left the runner since the last step: their responses

@@ -158,6 +158,18 @@ SETTINGS: tuple[Setting, ...] = (
             "back-off decides. 16 because no bench run on the 2-core CPU measured a whole-run "
             "gain from drafting at batch 16 (docs/performance/load.md); `null` lifts it",
             nullable=True),
+    Setting("tree", "bool", False,
+            "token trees (ProPD): other earlier occurrences of the request's newest tokens "
+            "add their continuations as branches beside the main draft, all verified in one "
+            "forward in which each node "
+            "attends to the request's tokens and its own ancestors only; the longest branch "
+            "the full model agrees with is kept (plain greedy requests; exact; "
+            "docs/guides/token-trees.md)"),
+    Setting("tree_branches", "int", 3,
+            "most branches a tree adds beside the main draft per request and step"),
+    Setting("tree_nodes", "int", 4,
+            "most nodes those branches add per request and step (vLLM schedules up to "
+            "`num_speculative_tokens` + this many rows per request when `tree` is on)"),
     Setting("sampled_drafts", "bool", True,
             "position-keyed sampling for requests with temperature > 0, so that their tokens "
             "do not depend on speculation, and drafts for them, kept only where they equal "

@@ -42,6 +42,14 @@ class DrafterStats:
     drafted_by_sampling: Counter = field(default_factory=Counter)
     accepted_by_sampling: Counter = field(default_factory=Counter)
     requests: dict = field(default_factory=dict)  # req id -> [steps, accepted drafts]
+    # Token trees: request-steps verified as a tree, their nodes, the nodes off the
+    # main chain, steps whose accepted path left the main chain, and the tokens
+    # those paths gained over the main chain's agreeing prefix.
+    tree_steps: int = 0
+    tree_nodes: int = 0
+    tree_branch_nodes: int = 0
+    tree_branch_wins: int = 0
+    tree_branch_tokens: int = 0
 
     def reset(self) -> None:
         fresh = DrafterStats()
@@ -59,6 +67,14 @@ class DrafterStats:
             if origin.exit_layer is not None:
                 by = self.accepted_by_exit if i < accepted else self.rejected_by_exit
                 by[origin.exit_layer] += 1
+
+    def tree_verified(self, accepted: int, on_chain: int, nodes: int, main_len: int) -> None:
+        self.tree_steps += 1
+        self.tree_nodes += nodes
+        self.tree_branch_nodes += nodes - main_len
+        if accepted > on_chain:
+            self.tree_branch_wins += 1
+            self.tree_branch_tokens += accepted - on_chain
 
     def per_request(self, req_id: str, accepted: int) -> None:
         st = self.requests.setdefault(req_id, [0, 0])
@@ -89,6 +105,10 @@ class DrafterStats:
             "steps_by_sources": dict(self.steps_by_sources),
             "drafted_by_sampling": dict(self.drafted_by_sampling),
             "accepted_by_sampling": dict(self.accepted_by_sampling),
+            "tree": {"steps": self.tree_steps, "nodes": self.tree_nodes,
+                     "branch_nodes": self.tree_branch_nodes,
+                     "branch_wins": self.tree_branch_wins,
+                     "branch_tokens": self.tree_branch_tokens},
         }
 
     def report(self) -> str:

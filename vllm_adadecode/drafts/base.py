@@ -88,6 +88,7 @@ class RequestDraft:
     # the last exit layer). Verification resumes it.
     tail: LayerState | None = None
     sampled: Sampled | None = None  # None: greedy
+    tree: object | None = None  # a DraftTree (drafts/tree.py) when branches ride along
 
     @property
     def room(self) -> bool:

@@ -38,3 +38,23 @@ class SequenceLookup:
             return tokens[:0]
         limit = self.max_model_len if max_len is None else max_len
         return self._match(tokens, self.min_match, self.max_match, limit, k)
+
+    def continuations(self, tokens: np.ndarray, k: int, limit: int) -> list[list[int]]:
+        """The tokens that followed each earlier occurrence of the sequence's
+        last ``min_match`` tokens, newest occurrence first, up to ``limit``
+        distinct continuations of at most ``k`` tokens (a token tree's branches)."""
+        n, L = self.min_match, int(tokens.shape[0])
+        if k <= 0 or limit <= 0 or L <= n:
+            return []
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: L - 1], n)
+        starts = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
+        out: list[list[int]] = []
+        seen: set[tuple[int, ...]] = set()
+        for s in starts[::-1]:
+            cont = tuple(tokens[s + n: s + n + k].tolist())
+            if cont and cont not in seen:
+                seen.add(cont)
+                out.append(list(cont))
+                if len(out) >= limit:
+                    break
+        return out

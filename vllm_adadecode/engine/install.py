@@ -24,7 +24,9 @@ Installed when the drafter is built (``install_runner_hooks``):
 * ``GPUModelRunner._model_forward``: the drafter's ``deferred_forward`` in a
   step that verifies drafts whose first layers it already ran;
 * ``GPUModelRunner.profile_run``: the drafter's warm-up after vLLM's;
-* the exact-match verifier in place of vLLM's rejection sampler (``verify.py``).
+* the exact-match verifier in place of vLLM's rejection sampler (``verify.py``);
+* ``CPUAttentionBackendImpl.forward``: token trees' off-chain rows attend to
+  their ancestors only (``tree.py``; a no-op without trees).
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ def translate_engine_args(engine_args, target_model_config, vllm_version: str) -
     engine_args.speculative_config = {
         "method": "custom_class",
         "model": PROPOSER_PATH,
-        "num_speculative_tokens": resolved.num_speculative_tokens,
+        # A token tree's branches ride as extra draft rows.
+        "num_speculative_tokens": resolved.num_speculative_tokens + (
+            resolved.tree_nodes if resolved.tree else 0),
     }
     for attr, _ in _SPEC_FLAGS:
         if hasattr(engine_args, attr):
@@ -199,7 +203,7 @@ def install_runner_hooks() -> None:
     from vllm.v1.worker import gpu_model_runner as gmr
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from . import verify
+    from . import tree, verify
 
     # vLLM builds only the min-tokens processor for speculative engines (its
     # rejection sampler leaves min_p and logit_bias out); AdaDecode verifies
@@ -234,15 +238,30 @@ def install_runner_hooks() -> None:
                            inputs_embeds=None, **model_kwargs):
             # Deferred-layer verification: the drafter runs the forward itself
             # when this step verifies drafts whose first layers it already ran.
-            forward = getattr(drafter_of(self), "deferred_forward", None)
-            if (forward is not None and input_ids is not None and intermediate_tensors is None
-                    and inputs_embeds is None and not model_kwargs):
-                out = forward(self, input_ids, positions)
-                if out is not None:
-                    return out
-            return original(self, input_ids=input_ids, positions=positions,
-                            intermediate_tensors=intermediate_tensors,
-                            inputs_embeds=inputs_embeds, **model_kwargs)
+            drafter = drafter_of(self)
+            plain = (input_ids is not None and intermediate_tensors is None
+                     and inputs_embeds is None and not model_kwargs)
+            trees = getattr(drafter, "trees", None)
+            step = trees.begin(self, positions) if trees is not None and plain else None
+            try:
+                forward = getattr(drafter, "deferred_forward", None)
+                if forward is not None and plain:
+                    out = forward(self, input_ids, positions, step)
+                    if out is not None:
+                        return out
+                if step is not None:
+                    # vLLM's own forward: off-chain nodes at their tree depth
+                    # (their slots were mapped already), attention by plan.
+                    from vllm.forward_context import get_forward_context
+
+                    positions[step.off_rows] = step.rope.to(positions.dtype)
+                    step.register(get_forward_context().attn_metadata)
+                return original(self, input_ids=input_ids, positions=positions,
+                                intermediate_tensors=intermediate_tensors,
+                                inputs_embeds=inputs_embeds, **model_kwargs)
+            finally:
+                if step is not None:
+                    tree.end_forward()
         return _model_forward
 
     patch(GPUModelRunner, "_model_forward", _model_forward)
@@ -259,3 +278,4 @@ def install_runner_hooks() -> None:
 
     patch(GPUModelRunner, "profile_run", profile_run)
     verify.install_exact_match_verifier()
+    tree.install_tree_attention()

@@ -87,6 +87,22 @@ class RunnerBatch:
         return float(b.temperature_cpu[row]), (k if 0 < k < vocab else None), (
             p if p < 1.0 else None)
 
+    def plain_greedy(self, row: int) -> bool:
+        """Greedy with nothing that moves its argmax or asks for more than the
+        token: no penalties, bad words, logit bias, allowed tokens, min-tokens,
+        logprobs or structured output (a token tree's verification takes the
+        argmax of its raw logits)."""
+        if not self.is_greedy(row):
+            return False
+        state = self.runner.requests.get(self.req_id(row))
+        sp = getattr(state, "sampling_params", None)
+        if sp is None:
+            return False
+        return (sp.logprobs is None and not sp.prompt_logprobs and sp.presence_penalty == 0
+                and sp.frequency_penalty == 0 and sp.repetition_penalty == 1
+                and not sp.bad_words and not sp.logit_bias and not sp.allowed_token_ids
+                and not sp.min_tokens and sp.structured_outputs is None)
+
     def num_tokens(self, row: int) -> int:
         return int(self.input_batch.num_tokens_no_spec[row])
 
@@ -102,10 +118,13 @@ class RunnerBatch:
     def output_token_ids(self, state) -> list[int]:
         return state.output_token_ids
 
-    def attention(self, *, positions, rows, query_lens) -> "AttentionContext":
+    def attention(self, *, positions, rows, query_lens,
+                  rope_positions=None) -> "AttentionContext":
         """Attention metadata and KV slots for a contiguous query suffix of each
         request in ``rows`` (positions in flat order): build once, then run any
-        number of layer segments inside it."""
+        number of layer segments inside it. ``rope_positions`` (default: the
+        positions) are the rotary positions, when they differ from the slots'
+        (a token tree's off-chain nodes)."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         n_tokens = len(positions)
@@ -138,7 +157,9 @@ class RunnerBatch:
             for name in group.layer_names:
                 attn_metadata[name] = meta
                 slots[name] = slot_mapping
-        return AttentionContext(self.runner.vllm_config, pos, attn_metadata, slots)
+        rope = pos if rope_positions is None else torch.as_tensor(rope_positions,
+                                                                  dtype=torch.int64)
+        return AttentionContext(self.runner.vllm_config, rope, attn_metadata, slots)
 
 
 class AttentionContext:

@@ -27,6 +27,8 @@ from .. import sampling
 from .model import ModelAdapter
 from .runner import RunnerBatch
 from .segments import LayerSegments
+from .tree import take_step
+from .tree import verify as verify_trees
 
 PLACEHOLDER_TOKEN_ID = -1  # vLLM's marker for "no token in this slot"
 
@@ -114,6 +116,7 @@ def install_exact_match_verifier() -> None:
     def make(_original):
         def forward(self, metadata, draft_probs, logits, sampling_metadata):
             step = getattr(self, "_adadecode_step", None)
+            trees = take_step()
             if (metadata.max_spec_len == 0
                     and logits.shape[0] == len(metadata.num_draft_tokens)):
                 # No drafts in this step: one row per request; sample as an
@@ -129,11 +132,26 @@ def install_exact_match_verifier() -> None:
                                   greedy[metadata.target_logits_indices],
                                   greedy[metadata.bonus_logits_indices].unsqueeze(-1),
                                   metadata.max_spec_len)
+                if trees is not None:
+                    _tree_rows(out, trees, metadata, lambda a, n: greedy[a:a + n].tolist())
                 return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
-            return _verify_by_depth(self.sampler, metadata, logits, sampling_metadata, step)
+            res = _verify_by_depth(self.sampler, metadata, logits, sampling_metadata, step)
+            if trees is not None:
+                # Tree requests are plain greedy ones (the drafter builds trees
+                # for no other): their token is the argmax of their raw logits.
+                _tree_rows(res.sampled_token_ids, trees, metadata,
+                           lambda a, n: logits[a:a + n].argmax(dim=-1).tolist())
+            return res
         return forward
 
     patch(rs.RejectionSampler, "forward", make)
+
+
+def _tree_rows(out: torch.Tensor, trees, metadata, targets_of) -> None:
+    """Overwrite the rows of requests verified as token trees (``engine/tree.py``)."""
+    for row, toks in verify_trees(trees, metadata.num_draft_tokens, targets_of).items():
+        out[row] = PLACEHOLDER_TOKEN_ID
+        out[row, : len(toks)] = torch.tensor(toks, dtype=out.dtype)
 
 
 def _step_keys(step, depth: int):
@@ -239,6 +257,7 @@ class DraftedStates:
     hidden: list[torch.Tensor]  # per position, 1 x d
     residual: list[torch.Tensor]
     n_drafts: int  # positions that were drafts' inputs (a last attempt that did not exit follows)
+    extra: int = 0  # token-tree nodes scheduled after the main chain (they run every layer)
 
 
 class DeferredVerification:
@@ -257,7 +276,7 @@ class DeferredVerification:
         self.pending[req_id] = states
 
     @torch.inference_mode()
-    def forward(self, runner, input_ids: torch.Tensor, positions: torch.Tensor):
+    def forward(self, runner, input_ids: torch.Tensor, positions: torch.Tensor, tree=None):
         """The target forward for a step that verifies drafts, skipping the
         layers the drafter already ran; None when no scheduled token has a
         drafted state (vLLM's own forward runs).
@@ -270,6 +289,10 @@ class DeferredVerification:
         token has depth -1. Layer l runs the tokens with depth < l: per request a contiguous
         suffix of its scheduled tokens, so each segment of layers gets attention
         metadata (and KV writes) for exactly the tokens it processes.
+
+        ``tree`` (an ``engine.tree.TreeStep``): this step's token trees, whose
+        off-chain nodes follow the main chain, run every layer, and take their
+        rotary positions and attention plans from it.
         """
         states, self.pending = self.pending, {}
         if not states:
@@ -288,7 +311,7 @@ class DeferredVerification:
                                                st.n_drafts)
             start, end = qsl[row], qsl[row + 1]
             m = end - start  # scheduled tokens: p and the drafts kept for verification
-            if m < 1 or m > len(depths) + 1 or int(positions[start]) != first:
+            if m < 1 or m > len(depths) + 1 + st.extra or int(positions[start]) != first:
                 continue  # scheduled otherwise than drafted: verify every layer
             k = min(m, len(depths))
             depth[start:start + k] = depths[:k]
@@ -306,6 +329,7 @@ class DeferredVerification:
         bounds = sorted({0, L} | {x + 1 for x in set(depth) if 0 <= x + 1 < L})
         rows_of = torch.repeat_interleave(torch.arange(batch.num_reqs), torch.tensor(qsl).diff())
         pos_all = positions[:n].to(torch.int64)
+        rope_all = pos_all if tree is None else tree.rope_positions(pos_all)
         for a, b in zip(bounds, bounds[1:]):
             idx = (depth_t < a).nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -317,7 +341,10 @@ class DeferredVerification:
             else:
                 h_in, r_in = hidden[idx], residual[idx]
             ctx = batch.attention(positions=pos_all[idx].tolist(), rows=rows.tolist(),
-                                  query_lens=counts.tolist())
+                                  query_lens=counts.tolist(),
+                                  rope_positions=None if tree is None else rope_all[idx])
+            if tree is not None:
+                tree.register(ctx.attn_metadata, idx)
             h, r = ctx.run(self.segments(a, b), h_in, r_in)
             hidden[idx], residual[idx] = h, r
         self.stats.verify_layers_skipped += sum(x + 1 for x in depth if x >= 0) - reused
