@@ -49,6 +49,14 @@ def _start(model, spec, **kw):
         ({"disable_by_batch_size": 0}, r"'disable_by_batch_size' must be an integer >= 1"),
         ({"corpus_min_prob": 0}, r"'corpus_min_prob' must be a number in \(0, 1\]"),
         ({"corpus_min_prob": "x"}, r"'corpus_min_prob' must be a number in \(0, 1\]"),
+        ({"tree": "yes"}, r"'tree' must be true or false"),
+        ({"tree": True, "tree_branches": 0}, r"'tree_branches' must be an integer >= 1"),
+        ({"tree": True, "tree_nodes": 1.5}, r"'tree_nodes' must be an integer >= 1"),
+        ({"tree": True, "lookup": False}, r"'tree' grows branches from lookups: .*'lookup'"),
+        ({"tree": True, "tree_prune_top_k": 0}, r"'tree_prune_top_k' must be an integer >= 1"),
+        ({"tree_prune_top_k": 4}, r"'tree_prune_top_k' prunes .* needs 'tree': true"),
+        ({"tree": True, "deferred": False, "tree_prune_top_k": 4},
+         r"'tree_prune_top_k' .* 'deferred': true"),
     ],
 )
 def test_bad_setting_fails_at_engine_start(tiny_llama, spec, message):
@@ -173,8 +181,22 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
         "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
         "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 16384,
         "lookup_corpus": True, "corpus_min_prob": 0.4, "self_draft": True,
-        "disable_by_batch_size": 16, "sampled_drafts": True}
+        "disable_by_batch_size": 16, "tree": False, "tree_branches": 3, "tree_nodes": 4,
+        "tree_prune_top_k": None, "sampled_drafts": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
+
+
+def test_tree_nodes_ride_as_extra_draft_rows(tiny_llama):
+    """With trees on, vLLM schedules (and reserves KV slots for) the main draft's
+    tokens plus the tree's extra nodes per request."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=tiny_llama, speculative_config={
+        "method": "adadecode", "num_speculative_tokens": 4, "tree": True, "tree_nodes": 3})
+    cfg = args.create_engine_config()
+    assert cfg.speculative_config.num_speculative_tokens == 7
+    assert cfg.num_lookahead_tokens == 7
+    assert cfg.additional_config["adadecode"]["num_speculative_tokens"] == 4
 
 
 def test_spec_model_heads_folder_means_adadecode(tiny_llama, tmp_path):

@@ -1,9 +1,9 @@
 """Token trees on the real vLLM engine (CPU): exact output, branches that win,
-and the KV of rejected branches never seen again."""
+early pruning, and the KV of rejected branches never seen again."""
 
 import pytest
 
-from vllm_adadecode.prompts import mixed
+from vllm_adadecode.prompts import humaneval, mixed
 
 pytestmark = pytest.mark.engine
 
@@ -12,6 +12,7 @@ PROMPTS8 = [p.text for p in mixed(8)]
 LOOKUP = {"method": "adadecode", "num_speculative_tokens": 6, "adaptive": False,
           "self_draft": False, "lookup_corpus": False, "lookup_cache": False}
 TREE = {**LOOKUP, "tree": True}
+PRUNED = {**TREE, "tree_prune_top_k": 2}
 
 
 def _run(engine, model, **kw):
@@ -20,16 +21,80 @@ def _run(engine, model, **kw):
     return engine(**job)
 
 
-def test_tree_smollm2_identical_and_branches_win(engine, smollm2):
-    van = _run(engine, smollm2)
-    lin = _run(engine, smollm2, speculative_config=LOOKUP)
-    tree = _run(engine, smollm2, speculative_config=TREE)
-    assert tree["token_ids"] == van["token_ids"]
-    assert lin["token_ids"] == van["token_ids"]
+def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, smollm2):
+    """Four long answers, twice (the second round reads the first's blocks from
+    the prefix cache), blocks of 32 tokens that accepted paths cross: linear
+    drafts, trees, and trees pruned after the first exit layer all give
+    vanilla's tokens. Some accepted paths left the main draft (their KV was
+    moved into place, and every later token still matches), and pruning
+    dropped nodes."""
+    job = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
+               enable_prefix_caching=True)
+    van = _run(engine, smollm2, **job)
+    lin = _run(engine, smollm2, speculative_config=LOOKUP, **job)
+    tree = _run(engine, smollm2, speculative_config=TREE, **job)
+    pruned = _run(engine, smollm2, speculative_config=PRUNED, **job)
+    for run in (lin, tree, pruned):
+        assert run["token_ids"] == van["token_ids"]
+        assert run["second_round"]["token_ids"] == van["second_round"]["token_ids"]
+        assert run["second_round"]["prefix_cache_hit_tokens"] > 0
     t = tree["drafter"]["tree"]
-    assert t["steps"] > 0 and t["branch_nodes"] > 0
-    # Some accepted paths left the main chain: their KV was moved into place,
-    # and every later token still matches vanilla.
+    assert t["steps"] > 50 and t["branch_nodes"] > 0
     assert t["branch_wins"] > 0 and t["branch_tokens"] >= t["branch_wins"]
     assert lin["drafter"]["tree"]["steps"] == 0
-    print("tokens/step linear", lin["tokens_per_step"], "tree", tree["tokens_per_step"], t)
+    assert tree["tokens_per_step"] >= lin["tokens_per_step"]
+    p = pruned["drafter"]["tree"]
+    assert p["pruned"] > 0 and t["pruned"] == 0
+    assert p["pruned_lost"] <= p["steps"]
+
+
+def test_tree_with_self_drafts_and_sampled_requests_identical(engine, smollm2):
+    """Trees beside early-exit self-drafts (the deferred forward runs the tree
+    rows) in a batch that mixes greedy and sampled requests: greedy requests
+    give vanilla's tokens, and every request gives the same tokens with trees
+    on and off (sampled requests draw by position, so speculation does not
+    move them)."""
+    sampling = [{"temperature": 0.0} if i % 2 == 0 else {"temperature": 0.8, "seed": 7 + i}
+                for i in range(8)]
+    spec = {**LOOKUP, "self_draft": True}
+    van = _run(engine, smollm2, sampling=sampling)
+    lin = _run(engine, smollm2, sampling=sampling, speculative_config=spec)
+    tree = _run(engine, smollm2, sampling=sampling, speculative_config={**spec, "tree": True})
+    assert tree["token_ids"] == lin["token_ids"]
+    for i in range(0, 8, 2):
+        assert tree["token_ids"][i] == van["token_ids"][i]
+    d = tree["drafter"]
+    assert d["tree"]["steps"] > 0 and d["verify_layers_skipped"] > 0
+    assert d["drafted_by_sampling"].get("sampled", 0) > 0
+
+
+@pytest.mark.full
+def test_tree_preemption_under_kv_pressure(engine, smollm2):
+    """Code prompts prefilled in 64-token chunks, 24 KV blocks of 32 tokens for
+    8 requests: the scheduler preempts requests that hold tree rows, and the
+    tokens equal vanilla's under the same pressure."""
+    prompts = [p.text[:900] for p in humaneval()[:8]]
+    job = dict(model=smollm2, prompts=prompts, raw_prompts=True, max_tokens=128,
+               sampling=[{"temperature": 0.0, "ignore_eos": True}] * 8,
+               concurrency=8, max_num_batched_tokens=64, block_size=32,
+               num_gpu_blocks_override=24, max_model_len=512)
+    van = engine(**job)
+    tree = engine(**job, speculative_config=PRUNED)
+    assert tree["token_ids"] == van["token_ids"]
+    assert van["spec"]["preemptions"] > 0 and tree["spec"]["preemptions"] > 0
+    assert tree["drafter"]["tree"]["branch_wins"] > 0
+
+
+@pytest.mark.full
+def test_tree_tensor_parallel_2_same_tokens(engine, qwen05b):
+    """TP=2 on the real Qwen 0.5B (14 query heads, 2 KV heads): trees, pruned
+    and not, give the same tokens as vanilla and the same trees as one rank."""
+    prompts = [p.text for p in humaneval()[:4]]
+    job = dict(model=qwen05b, prompts=prompts, max_tokens=96, concurrency=2)
+    van = engine(**job)
+    one = engine(**job, speculative_config=PRUNED)
+    two = engine(**job, speculative_config=PRUNED, tensor_parallel_size=2)
+    assert one["token_ids"] == van["token_ids"]
+    assert two["token_ids"] == van["token_ids"]
+    assert two["drafter"]["tree"] == one["drafter"]["tree"]
+    assert one["drafter"]["tree"]["steps"] > 0

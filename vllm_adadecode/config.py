@@ -266,6 +266,14 @@ def resolve(
         raise AdaDecodeConfigError(
             f"adadecode 'lookup_max_tokens' ({values['lookup_max_tokens']}) must be <= "
             f"'num_speculative_tokens' ({num_spec}): a step drafts at most that many tokens")
+    if values["tree_prune_top_k"] is not None and not (values["tree"] and values["deferred"]):
+        raise AdaDecodeConfigError(
+            "adadecode 'tree_prune_top_k' prunes token trees in the layered verification "
+            "forward: it needs 'tree': true and 'deferred': true (or set it to null)")
+    if values["tree"] and not values["lookup"]:
+        raise AdaDecodeConfigError(
+            "adadecode 'tree' grows branches from lookups: it needs 'lookup': true "
+            "(or set 'tree': false)")
     if heads_path is not None and values["lookup"] and values["lookup_corpus"]:
         from .drafts.corpus import CorpusError, load_corpus_tokens
 

@@ -108,6 +108,10 @@ class AdaDecodeProposer(RunnerDrafter):
     def load_model(self, target_model) -> None:
         model = ModelAdapter(target_model)
         config = self.config
+        if self.trees is not None:
+            from .engine.tree import check_model
+
+            check_model(target_model)
         heads = (ExitHeads.load(config.heads) if config.heads
                  else ExitHeads.identity(config.exit_layers, model.hidden_size))
         self.segments = LayerSegments(
@@ -120,6 +124,9 @@ class AdaDecodeProposer(RunnerDrafter):
         if config.deferred:
             self.verification = DeferredVerification(model, self.segments, self.counters)
             self.deferred_forward = self.verification.forward
+            if self.trees is not None and config.tree_prune_top_k:
+                self.verification.pruner = (config.exit_layers[0], config.tree_prune_top_k,
+                                            self.early_exit.head_top_k)
 
     def warm_up(self) -> None:
         """Compile the layer segments at engine start (called after vLLM's
@@ -169,7 +176,8 @@ class AdaDecodeProposer(RunnerDrafter):
         if self.trees is not None:
             for d in requests:
                 self._grow_tree(batch, d)
-        self.backoff.drafted(n_active, sum(len(d.drafted) for d in requests), bool(drafting))
+        self.backoff.drafted(n_active, sum(len(d.drafted) + (d.tree.off_chain if d.tree else 0)
+                                           for d in requests), bool(drafting))
         if self._step_log is not None:
             self._log_step(n_active, batch.num_reqs, sampled_token_ids, requests, joined)
         for d in requests:
@@ -183,16 +191,19 @@ class AdaDecodeProposer(RunnerDrafter):
         budget leaves."""
         if not d.drafted or d.sampled is not None or not batch.plain_greedy(d.row):
             return
-        nodes = min(len(d.drafted) + self.config.tree_nodes,
-                    draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
-                                 d.position - len(d.drafted), self.max_model_len))
-        if nodes <= len(d.drafted):
+        room = draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
+                            d.position - len(d.drafted), self.max_model_len) - len(d.drafted)
+        branch_nodes = self.adapt.tree_nodes(d.req_id, min(self.config.tree_nodes, room))
+        if branch_nodes <= 0:
             return
+        nodes = len(d.drafted) + branch_nodes
         t0 = time.perf_counter()
         alternatives = self.lookup.continuations(batch.token_ids(d.row), nodes,
                                                  2 * self.config.tree_branches)
         d.tree = build_tree(d.drafted, alternatives, max_nodes=nodes,
                             max_branches=self.config.tree_branches)
+        if d.tree is not None:
+            self.adapt.tree_commit(d.tree.off_chain)
         self.counters.lookup_seconds += time.perf_counter() - t0
 
     def _requests(self, batch: RunnerBatch, sampled_token_ids) -> list[RequestDraft]:
@@ -313,6 +324,7 @@ class AdaDecodeProposer(RunnerDrafter):
                 # Verified as a tree: the main chain's own drafts held for its
                 # agreeing prefix only.
                 self.counters.tree_verified(*tree)
+                self.adapt.tree_verified(tree[2] - tree[3], tree[0] - tree[1])
                 accepted = tree[1]
             p = pending.get(req, _NOTHING_PENDING)
             self.counters.verified(p, accepted)

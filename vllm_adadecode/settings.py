@@ -170,6 +170,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tree_nodes", "int", 4,
             "most nodes those branches add per request and step (vLLM schedules up to "
             "`num_speculative_tokens` + this many rows per request when `tree` is on)"),
+    Setting("tree_prune_top_k", "int", None,
+            "early pruning (ProPD): after the first exit layer of the verification forward, "
+            "the exit head scores each tree node's parent, and a branch node outside its "
+            "parent's top k (with everything below it) skips the remaining layers; it can "
+            "cost accepted tokens, never change output; `null`: no pruning", nullable=True),
     Setting("sampled_drafts", "bool", True,
             "position-keyed sampling for requests with temperature > 0, so that their tokens "
             "do not depend on speculation, and drafts for them, kept only where they equal "

@@ -50,6 +50,10 @@ class DrafterStats:
     tree_branch_nodes: int = 0
     tree_branch_wins: int = 0
     tree_branch_tokens: int = 0
+    # Early pruning: branch nodes dropped after the first exit layer, and steps
+    # where a dropped node would have been accepted.
+    tree_pruned: int = 0
+    tree_pruned_lost: int = 0
 
     def reset(self) -> None:
         fresh = DrafterStats()
@@ -68,8 +72,11 @@ class DrafterStats:
                 by = self.accepted_by_exit if i < accepted else self.rejected_by_exit
                 by[origin.exit_layer] += 1
 
-    def tree_verified(self, accepted: int, on_chain: int, nodes: int, main_len: int) -> None:
+    def tree_verified(self, accepted: int, on_chain: int, nodes: int, main_len: int,
+                      pruned: int = 0, lost: int = 0) -> None:
         self.tree_steps += 1
+        self.tree_pruned += pruned
+        self.tree_pruned_lost += lost
         self.tree_nodes += nodes
         self.tree_branch_nodes += nodes - main_len
         if accepted > on_chain:
@@ -108,7 +115,8 @@ class DrafterStats:
             "tree": {"steps": self.tree_steps, "nodes": self.tree_nodes,
                      "branch_nodes": self.tree_branch_nodes,
                      "branch_wins": self.tree_branch_wins,
-                     "branch_tokens": self.tree_branch_tokens},
+                     "branch_tokens": self.tree_branch_tokens,
+                     "pruned": self.tree_pruned, "pruned_lost": self.tree_pruned_lost},
         }
 
     def report(self) -> str:

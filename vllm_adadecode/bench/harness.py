@@ -359,6 +359,7 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
                                       if evals else None),
             "exit_histogram": _exit_histogram([by[m.label].get("drafter") for by in runs]),
             "sources": _sources([by[m.label] for by in runs]),
+            "tree": _tree([by[m.label] for by in runs]),
             "step_ms": _step_ms([by[m.label] for by in runs]),
             "step_cost": [(by[m.label].get("drafter") or {}).get("step_cost") for by in runs],
             "backoff": [(by[m.label].get("drafter") or {}).get("backoff") for by in runs]
@@ -393,6 +394,19 @@ def _sources(runs: list[dict]) -> dict | None:
             mixes[k] += v
     return {"by_source": out, "request_steps_by_sources": dict(mixes),
             "lookup_ms": 1e3 * sum(d.get("lookup_seconds", 0.0) for d in drafters) / len(runs)}
+
+
+def _tree(runs: list[dict]) -> dict | None:
+    """Token trees over all repeats: request-steps verified as a tree, nodes
+    per such step, the share of them on branches beside the main draft, and how
+    often (and by how many tokens) the accepted path left the main draft."""
+    recs = [(r.get("drafter") or {}).get("tree") for r in runs]
+    recs = [t for t in recs if t and t.get("steps")]
+    if not recs:
+        return None
+    tot = {k: sum(t[k] for t in recs) for k in recs[0]}
+    return {**tot, "nodes_per_step": tot["nodes"] / tot["steps"],
+            "branch_share": tot["branch_nodes"] / max(1, tot["nodes"])}
 
 
 def _step_ms(runs: list[dict]) -> dict | None:
@@ -527,6 +541,13 @@ def format_table(doc: dict) -> str:
                                    for k, v in sorted(src["by_source"].items()))
                 lines.append(f"  {r['method']} tokens/step by source: target 1.00 + {parts} "
                              f"(accepted/drafted)")
+            tr = r.get("tree")
+            if tr:
+                lines.append(f"  {r['method']} trees: {tr['steps']} request-steps, "
+                             f"{tr['nodes_per_step']:.2f} nodes verified per step "
+                             f"({tr['branch_share'] * 100:.0f}% on branches); the accepted "
+                             f"path left the main draft {tr['branch_wins']} times, "
+                             f"+{tr['branch_tokens']} tokens")
             st = r.get("step_ms")
             if st:
                 lines.append(f"  {r['method']} ms per step: drafting {st['drafting']:.2f}, "

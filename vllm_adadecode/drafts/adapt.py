@@ -218,6 +218,13 @@ class DraftAdaptation:
         self.prior = prior
         self.requests: dict[str, RequestDrafting] = {}
         self.cost = StepCost()
+        # Token trees, engine-wide: tokens the branches gained, per branch node
+        # verified (decaying sums), and per request the steps since a tree was
+        # last allowed.
+        self.branch_gained = 0.0
+        self.branch_nodes = 0.0
+        self.tree_prior = 0.1
+        self._tree_skipped: dict[str, int] = {}
         # The step being decided: its requests, drafted rows so far and the
         # tokens they are expected to yield (one per request, plus accepted drafts).
         self._batch, self._extra, self._tokens = 1, 0, 1.0
@@ -234,6 +241,52 @@ class DraftAdaptation:
 
     def forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
+        self._tree_skipped.pop(req_id, None)
+
+    # ---- token trees -----------------------------------------------------------
+    def branch_gain(self) -> float:
+        """Estimated tokens a branch node adds to a step (engine-wide)."""
+        return (self.branch_gained + 4.0 * self.tree_prior) / (self.branch_nodes + 4.0)
+
+    def tree_nodes(self, req_id: str, max_nodes: int) -> int:
+        """Branch nodes a request's tree may add this step: the number that most
+        raises the step's tokens per unit of cost at this batch size, given
+        what a branch node has gained so far and what a row costs (none where
+        rows are dear; a probe every ``probe_every`` steps keeps the estimate
+        measured)."""
+        if self.fixed or max_nodes <= 0:
+            return max(0, max_nodes)
+        a = self.branch_gain()
+        cost = self.cost if self.cost.fitted(self._batch) else _FALLBACK_COST
+        batch = self._batch if self.cost.fitted(self._batch) else 1
+        tokens = self._tokens if batch == self._batch else 1.0
+        extra = self._extra if batch == self._batch else 0
+        base = tokens / cost.step(batch, extra) * (1.0 + 0.02 / max(tokens, 1.0))
+        best_n, best = 0, base
+        for n in range(1, max_nodes + 1):
+            ratio = (tokens + a * n) / cost.step(batch, extra + n)
+            if ratio > best:
+                best_n, best = n, ratio
+        if best_n:
+            self._tree_skipped[req_id] = 0
+            return best_n
+        skipped = self._tree_skipped.get(req_id, 0) + 1
+        self._tree_skipped[req_id] = 0 if skipped >= self.probe_every else skipped
+        return max_nodes if skipped >= self.probe_every else 0
+
+    def tree_commit(self, nodes: int) -> None:
+        """A tree adds ``nodes`` branch rows to this step."""
+        if nodes > 0:
+            self._extra += nodes
+            self._tokens += self.branch_gain() * nodes
+
+    def tree_verified(self, branch_nodes: int, gained: int, decay: float = 0.99) -> None:
+        """A tree's ``branch_nodes`` were verified and its accepted path gained
+        ``gained`` tokens over the main draft's agreeing prefix."""
+        if branch_nodes > 0:
+            f = decay ** branch_nodes
+            self.branch_gained = self.branch_gained * f + gained
+            self.branch_nodes = self.branch_nodes * f + branch_nodes
 
     def lookup_p(self, req_id: str, kind: str = "lookup") -> float:
         """Estimated acceptance of the next lookup token of this kind of match

@@ -181,6 +181,18 @@ class EarlyExitDrafter:
             token[maybe], prob[maybe] = top1(logits)
         return token, prob, (maybe, logits)
 
+    def head_top_k(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor,
+                   k: int) -> torch.Tensor:
+        """The exit head's ``k`` most likely next tokens per row (full LM head):
+        token-tree pruning's score."""
+        transform = self.transforms[exit_layer]
+        if transform is None:
+            normed = self.model.final_norm(hidden.clone(), residual.clone())
+        else:
+            normed = self.model.final_norm((hidden + residual) @ transform.T, None)
+        self.stats.full_head_evals += normed.shape[0]
+        return self.model.compute_logits(normed).topk(k, dim=-1).indices
+
     def _couple(self, reqs: list[RequestDraft], token: torch.Tensor, go: torch.Tensor, full):
         """Sampled requests' exiting drafts: the exit head's distribution,
         processed with the request's temperature, top-k and top-p, drawn with

@@ -49,10 +49,12 @@ class DraftTree:
             node = self.parents[node - 1]
         return out[::-1]
 
-    def walk(self, targets: Sequence[int]) -> tuple[list[int], list[int]]:
+    def walk(self, targets: Sequence[int],
+             pruned: frozenset[int] = frozenset()) -> tuple[list[int], list[int], bool]:
         """The tokens to emit and the accepted nodes' flat indices, given the
         full model's token at every node (``targets[i]``: at flat index i,
-        the root first)."""
+        the root first), with ``pruned`` nodes left out; and whether a pruned
+        node would have been accepted where the walk stopped."""
         children: list[dict[int, int]] = [{} for _ in range(len(self.tokens) + 1)]
         for i, (tok, p) in enumerate(zip(self.tokens, self.parents), start=1):
             children[p].setdefault(tok, i)
@@ -61,10 +63,21 @@ class DraftTree:
             t = int(targets[cur])
             emitted.append(t)
             nxt = children[cur].get(t)
-            if nxt is None:
-                return emitted, path
+            if nxt is None or nxt in pruned:
+                return emitted, path, nxt is not None
             path.append(nxt)
             cur = nxt
+
+    def prune(self, parent_top_k: dict[int, set[int]]) -> frozenset[int]:
+        """Branch nodes (off the main chain) whose token is not among their
+        parent's top-k (``parent_top_k``: flat index -> tokens), and everything
+        below them."""
+        out: set[int] = set()
+        for i in range(self.main_len + 1, len(self.tokens) + 1):
+            p = self.parents[i - 1]
+            if p in out or (p in parent_top_k and self.tokens[i - 1] not in parent_top_k[p]):
+                out.add(i)
+        return frozenset(out)
 
 
 def build_tree(main: Sequence[int], alternatives: Iterable[Sequence[int]], *,

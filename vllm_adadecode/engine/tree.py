@@ -103,6 +103,17 @@ class TreeRows:
             for a in tree.ancestors(node):
                 mask[j, root + a] = True
         self.mask = mask
+        self.pruned: frozenset[int] = frozenset()  # nodes early pruning dropped
+
+    def parent_rows(self) -> list[int]:
+        """Flat indices of the branch nodes' parents (what pruning scores)."""
+        m = self.tree.main_len
+        return sorted({self.tree.parents[i - 1] for i in range(m + 1, self.tree.size + 1)})
+
+    def prune(self, top_k: dict[int, set[int]]) -> list[int]:
+        """Drop branch nodes outside their parent's top-k; their flat rows."""
+        self.pruned = self.tree.prune(top_k)
+        return [self.start + i for i in sorted(self.pruned)]
 
 
 class TreeStep:
@@ -115,7 +126,9 @@ class TreeStep:
         self.layer_names = layer_names
         self.off_rows = torch.cat([e.off_rows for e in entries])
         self.rope = torch.cat([e.rope for e in entries])
-        self.results = results  # req -> (accepted, on the main chain, nodes, main length)
+        # req -> (accepted, of them on the main chain, nodes, main length, pruned
+        # nodes, 1 if a pruned node would have been accepted)
+        self.results = results
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
         out = positions.clone()
@@ -127,10 +140,16 @@ class TreeStep:
         call over ``call_rows`` (flat rows, increasing; None: every row)."""
         plan = []
         for e in self.entries:
-            q = e.off_rows
+            q, mask = e.off_rows, e.mask
+            if e.pruned:  # pruned rows left the forward
+                keep = torch.tensor([i not in e.pruned for i in
+                                     range(e.tree.main_len + 1, e.tree.size + 1)])
+                q, mask = q[keep], mask[keep]
+                if not q.numel():
+                    continue
             if call_rows is not None:
                 q = torch.searchsorted(call_rows, q)
-            plan.append((q, e.blocks, e.offsets, e.mask))
+            plan.append((q, e.blocks, e.offsets, mask))
         return plan
 
     def register(self, attn_metadata, call_rows: torch.Tensor | None = None) -> None:
@@ -156,9 +175,8 @@ class TreeVerification:
 
     def __init__(self):
         self.pending: dict[str, DraftTree] = {}
-        # Per request, what its last tree step kept: (accepted, of them on the
-        # main chain, nodes, main-chain length).
-        self.settled: dict[str, tuple[int, int, int, int]] = {}
+        # Per request, what its last tree step kept (``TreeStep.results``).
+        self.settled: dict[str, tuple[int, ...]] = {}
 
     def hold(self, req_id: str, tree: DraftTree) -> None:
         self.pending[req_id] = tree
@@ -232,6 +250,27 @@ def install_tree_attention() -> None:
     patch(CPUAttentionBackendImpl, "forward", make)
 
 
+def check_model(model) -> None:
+    """Refuse ``"tree": true`` at engine start for attention that tree
+    verification cannot reproduce (naming the setting and the reason)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from ..errors import AdaDecodeConfigError
+
+    for name, module in model.named_modules():
+        impl = getattr(module, "impl", None)
+        if impl is None or not hasattr(module, "layer_name"):
+            continue
+        if not isinstance(impl, CPUAttentionBackendImpl):
+            reason = f"runs on {type(impl).__name__}, not vLLM's CPU attention backend"
+        else:
+            reason = check_tree_support(impl)
+        if reason:
+            raise AdaDecodeConfigError(
+                f"adadecode 'tree': attention layer {name} {reason if reason.startswith('runs') else 'has ' + reason}, "
+                "which tree verification does not reproduce; set \"tree\": false")
+
+
 def check_tree_support(impl) -> str | None:
     """Why tree attention cannot reproduce this layer's attention, or None."""
     if getattr(impl, "alibi_slopes", None) is not None:
@@ -260,14 +299,15 @@ def verify(step: TreeStep, num_draft_tokens, targets_of) -> dict[int, list[int]]
         n = e.tree.size
         if e.row >= len(k) or k[e.row] != n:
             continue  # not verified as this tree: the linear rule stands
-        toks, path = e.tree.walk(targets_of(int(firsts[e.row]), n + 1))
+        toks, path, lost = e.tree.walk(targets_of(int(firsts[e.row]), n + 1), e.pruned)
         emitted[e.row] = toks
-        on_chain = 0
-        while on_chain < len(path) and path[on_chain] == on_chain + 1:
+        on_chain = 0  # accepted main-draft nodes (the rest came from branches)
+        m = e.tree.main_len
+        while on_chain < min(len(path), m) and path[on_chain] == on_chain + 1:
             on_chain += 1
-        step.results[step.runner.input_batch.req_ids[e.row]] = (len(path), on_chain, n,
-                                                                 e.tree.main_len)
-        if on_chain < len(path):
+        step.results[step.runner.input_batch.req_ids[e.row]] = (
+            len(path), on_chain, n, e.tree.main_len, len(e.pruned), int(lost))
+        if any(node != depth for depth, node in enumerate(path, start=1)):
             moves.append((e, path))
     if moves:
         _commit(step, moves)

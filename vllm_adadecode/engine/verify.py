@@ -271,6 +271,9 @@ class DeferredVerification:
         self.segments = segments
         self.stats = stats
         self.pending: dict[str, DraftedStates] = {}
+        # Token-tree early pruning: (layer, k, scorer) with scorer(layer, hidden,
+        # residual, k) -> top-k token ids per row; None: no pruning.
+        self.pruner = None
 
     def hold(self, req_id: str, states: DraftedStates) -> None:
         self.pending[req_id] = states
@@ -295,7 +298,8 @@ class DeferredVerification:
         rotary positions and attention plans from it.
         """
         states, self.pending = self.pending, {}
-        if not states:
+        prune = tree is not None and self.pruner is not None
+        if not states and not prune:
             return None
         batch = RunnerBatch(runner)
         qsl = batch.query_start_loc().tolist()
@@ -317,7 +321,7 @@ class DeferredVerification:
             depth[start:start + k] = depths[:k]
             seeded.append((start, hs[:k], rs[:k]))
             reused += sum(x + 1 for x in depths[n_drafts:k])
-        if not seeded:
+        if not seeded and not prune:
             return None
         L = len(self.model.layers)
         hidden = torch.empty(n, self.model.hidden_size, dtype=self.model.dtype)
@@ -326,7 +330,8 @@ class DeferredVerification:
             hidden[start:start + len(hs)] = torch.cat(hs)
             residual[start:start + len(rs)] = torch.cat(rs)
         depth_t = torch.tensor(depth)
-        bounds = sorted({0, L} | {x + 1 for x in set(depth) if 0 <= x + 1 < L})
+        bounds = sorted({0, L} | {x + 1 for x in set(depth) if 0 <= x + 1 < L}
+                        | ({self.pruner[0] + 1} if prune else set()))
         rows_of = torch.repeat_interleave(torch.arange(batch.num_reqs), torch.tensor(qsl).diff())
         pos_all = positions[:n].to(torch.int64)
         rope_all = pos_all if tree is None else tree.rope_positions(pos_all)
@@ -347,9 +352,34 @@ class DeferredVerification:
                 tree.register(ctx.attn_metadata, idx)
             h, r = ctx.run(self.segments(a, b), h_in, r_in)
             hidden[idx], residual[idx] = h, r
+            if prune and b == self.pruner[0] + 1:
+                self._prune(tree, hidden, residual, depth_t, L)
         self.stats.verify_layers_skipped += sum(x + 1 for x in depth if x >= 0) - reused
         self.stats.attempt_layers_reused += reused
         out = self.model.final_norm(hidden, residual)
         if int(input_ids.shape[0]) > n:
             out = torch.cat([out, out.new_zeros(int(input_ids.shape[0]) - n, out.shape[1])])
         return out
+
+    def _prune(self, tree, hidden: torch.Tensor, residual: torch.Tensor,
+               depth_t: torch.Tensor, num_layers: int) -> None:
+        """ProPD's early pruning: the exit head scores every branch node's
+        parent at the pruning layer; branch nodes outside their parent's top-k,
+        and everything below them, run no further layer (their rows are never
+        read: the tree walk leaves them out)."""
+        layer, k, scorer = self.pruner
+        rows, owners = [], []
+        for e in tree.entries:
+            for parent in e.parent_rows():
+                rows.append(e.start + parent)
+                owners.append((e, parent))
+        if not rows:
+            return
+        idx = torch.tensor(rows)
+        top = scorer(layer, hidden[idx], residual[idx], k).tolist()
+        per_entry: dict[int, dict[int, set[int]]] = {}
+        for (e, parent), toks in zip(owners, top):
+            per_entry.setdefault(id(e), {})[parent] = set(toks)
+        dropped = [r for e in tree.entries for r in e.prune(per_entry.get(id(e), {}))]
+        if dropped:
+            depth_t[torch.tensor(dropped)] = num_layers  # past every later segment
