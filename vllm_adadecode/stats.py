@@ -43,13 +43,15 @@ class DrafterStats:
     accepted_by_sampling: Counter = field(default_factory=Counter)
     requests: dict = field(default_factory=dict)  # req id -> [steps, accepted drafts]
     # Token trees: request-steps verified as a tree, their nodes, the nodes off the
-    # main chain, steps whose accepted path left the main chain, and the tokens
-    # those paths gained over the main chain's agreeing prefix.
+    # main chain; steps whose accepted path went past the main chain's agreeing
+    # prefix, and the tokens that gained; of those steps, the ones that left the
+    # main chain for a sibling branch (the others continued past its end).
     tree_steps: int = 0
     tree_nodes: int = 0
     tree_branch_nodes: int = 0
     tree_branch_wins: int = 0
     tree_branch_tokens: int = 0
+    tree_diverged: int = 0
     # Early pruning: branch nodes dropped after the first exit layer, and steps
     # where a dropped node would have been accepted.
     tree_pruned: int = 0
@@ -73,8 +75,9 @@ class DrafterStats:
                 by[origin.exit_layer] += 1
 
     def tree_verified(self, accepted: int, on_chain: int, nodes: int, main_len: int,
-                      pruned: int = 0, lost: int = 0) -> None:
+                      pruned: int = 0, lost: int = 0, diverged: int = 0) -> None:
         self.tree_steps += 1
+        self.tree_diverged += diverged
         self.tree_pruned += pruned
         self.tree_pruned_lost += lost
         self.tree_nodes += nodes
@@ -116,6 +119,7 @@ class DrafterStats:
                      "branch_nodes": self.tree_branch_nodes,
                      "branch_wins": self.tree_branch_wins,
                      "branch_tokens": self.tree_branch_tokens,
+                     "diverged": self.tree_diverged,
                      "pruned": self.tree_pruned, "pruned_lost": self.tree_pruned_lost},
         }
 

@@ -546,8 +546,11 @@ def format_table(doc: dict) -> str:
                 lines.append(f"  {r['method']} trees: {tr['steps']} request-steps, "
                              f"{tr['nodes_per_step']:.2f} nodes verified per step "
                              f"({tr['branch_share'] * 100:.0f}% on branches); the accepted "
-                             f"path left the main draft {tr['branch_wins']} times, "
-                             f"+{tr['branch_tokens']} tokens")
+                             f"path went past the main draft's agreeing prefix "
+                             f"{tr['branch_wins']} times (+{tr['branch_tokens']} tokens; "
+                             f"{tr.get('diverged', 0)} of them through a sibling branch, "
+                             f"the rest past its end); pruned {tr.get('pruned', 0)} nodes, "
+                             f"{tr.get('pruned_lost', 0)} steps lost an acceptable node")
             st = r.get("step_ms")
             if st:
                 lines.append(f"  {r['method']} ms per step: drafting {st['drafting']:.2f}, "

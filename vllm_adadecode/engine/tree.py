@@ -127,7 +127,8 @@ class TreeStep:
         self.off_rows = torch.cat([e.off_rows for e in entries])
         self.rope = torch.cat([e.rope for e in entries])
         # req -> (accepted, of them on the main chain, nodes, main length, pruned
-        # nodes, 1 if a pruned node would have been accepted)
+        # nodes, 1 if a pruned node would have been accepted, 1 if the accepted
+        # path left the main chain for a sibling branch)
         self.results = results
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
@@ -305,9 +306,10 @@ def verify(step: TreeStep, num_draft_tokens, targets_of) -> dict[int, list[int]]
         m = e.tree.main_len
         while on_chain < min(len(path), m) and path[on_chain] == on_chain + 1:
             on_chain += 1
+        diverged = any(node != depth for depth, node in enumerate(path, start=1))
         step.results[step.runner.input_batch.req_ids[e.row]] = (
-            len(path), on_chain, n, e.tree.main_len, len(e.pruned), int(lost))
-        if any(node != depth for depth, node in enumerate(path, start=1)):
+            len(path), on_chain, n, e.tree.main_len, len(e.pruned), int(lost), int(diverged))
+        if diverged:
             moves.append((e, path))
     if moves:
         _commit(step, moves)
