@@ -291,7 +291,7 @@ class AdaDecodeProposer(RunnerDrafter):
                                                         ("exit", n_exit)) if n)] += 1
             c.deferred_layer_evals += sum(self.num_layers - 1 - x for x in d.depth)
         if d.tree is not None:
-            self.trees.hold(d.req_id, d.tree)
+            self.trees.hold(d.req_id, d.position - len(d.drafted), d.tree)
         if d.drafted or d.self_attempt:
             self._pending[d.req_id] = PendingDraft(
                 d.origins, d.self_attempt, d.n_lookup, d.lookup_kind,

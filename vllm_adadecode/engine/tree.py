@@ -175,16 +175,19 @@ class TreeVerification:
     """The drafter's trees, held from its step to the next step's forward."""
 
     def __init__(self):
-        self.pending: dict[str, DraftTree] = {}
+        self.pending: dict[str, tuple[int, DraftTree]] = {}  # req -> (root position, tree)
         # Per request, what its last tree step kept (``TreeStep.results``).
         self.settled: dict[str, tuple[int, ...]] = {}
 
-    def hold(self, req_id: str, tree: DraftTree) -> None:
-        self.pending[req_id] = tree
+    def hold(self, req_id: str, root: int, tree: DraftTree) -> None:
+        """A request's tree for the next step; ``root``: the position of its
+        newest sampled token."""
+        self.pending[req_id] = (root, tree)
 
     def begin(self, runner, positions: torch.Tensor) -> TreeStep | None:
         """This step's tree rows, when the scheduler kept every node of a held
-        tree; a tree it trimmed is verified as the linear list it now is."""
+        tree at the position it was drafted for; a tree it trimmed is verified
+        as the linear list it now is."""
         global _CURRENT
         from .runner import RunnerBatch
 
@@ -197,13 +200,13 @@ class TreeVerification:
         table = batch.block_table.block_table.cpu
         entries = []
         for row in range(batch.num_reqs):
-            tree = trees.get(batch.req_id(row))
-            if tree is None:
+            held = trees.get(batch.req_id(row))
+            if held is None:
                 continue
+            root, tree = held
             start, end = qsl[row], qsl[row + 1]
-            if end - start != tree.size + 1:
+            if end - start != tree.size + 1 or int(positions[start]) != root:
                 continue
-            root = int(positions[start])
             entries.append(TreeRows(row, start, root, tree, table[row], batch.block_size))
         if not entries:
             return None
