@@ -90,9 +90,7 @@ class TreeRows:
         n = tree.size
         # Slots of positions 0 .. p + n: the prefix, the root, then every node.
         pos = torch.arange(root + n + 1)
-        blocks = table_row[pos // bs].to(torch.int64)
-        self.blocks, self.offsets = blocks, pos % bs
-        self.slots = blocks * bs + pos % bs
+        self.blocks, self.offsets = table_row[pos // bs].to(torch.int64), pos % bs
         m = tree.main_len
         depths = tree.depths()
         self.off_rows = torch.arange(start + m + 1, start + n + 1)  # flat rows
@@ -271,8 +269,8 @@ def check_model(model) -> None:
             reason = check_tree_support(impl)
         if reason:
             raise AdaDecodeConfigError(
-                f"adadecode 'tree': attention layer {name} {reason if reason.startswith('runs') else 'has ' + reason}, "
-                "which tree verification does not reproduce; set \"tree\": false")
+                f"adadecode 'tree': attention layer {name}: {reason}, which tree "
+                "verification does not reproduce; set \"tree\": false")
 
 
 def check_tree_support(impl) -> str | None:
@@ -306,8 +304,8 @@ def verify(step: TreeStep, num_draft_tokens, targets_of) -> dict[int, list[int]]
         toks, path, lost = e.tree.walk(targets_of(int(firsts[e.row]), n + 1), e.pruned)
         emitted[e.row] = toks
         on_chain = 0  # accepted main-draft nodes (the rest came from branches)
-        m = e.tree.main_len
-        while on_chain < min(len(path), m) and path[on_chain] == on_chain + 1:
+        while (on_chain < min(len(path), e.tree.main_len)
+               and path[on_chain] == on_chain + 1):
             on_chain += 1
         diverged = any(node != depth for depth, node in enumerate(path, start=1))
         step.results[step.runner.input_batch.req_ids[e.row]] = (
