@@ -34,6 +34,20 @@ def test_chains_while_the_product_of_frequencies_holds():
     assert _c(seqs, min_prob=0.8).propose(np.array([8, 4]), 3) == []
 
 
+def test_runners_up_are_the_next_most_frequent_tokens_of_the_longest_context():
+    c = _c([[1, 2, 3]] * 3 + [[1, 2, 4]] * 2 + [[1, 2, 8], [6, 2, 5]], min_prob=0.1)
+    # after (1, 2): 3 (3 times), 4 (twice), 8 (once); the main draft's 3 is left out
+    assert c.runners_up(np.array([1, 2]), exclude=3, limit=3) == [4, 8]
+    assert c.runners_up(np.array([1, 2]), exclude=3, limit=1) == [4]
+    assert c.runners_up(np.array([1, 2]), exclude=4, limit=3) == [3, 8]
+    # a share floor: 8 is 1 of 6 continuations
+    assert c.runners_up(np.array([1, 2]), exclude=3, limit=3, min_share=0.2) == [4]
+    # (6, 2) knows only 5: no runner-up (a shorter context does not answer)
+    assert c.runners_up(np.array([6, 2]), exclude=5, limit=2) == []
+    assert c.runners_up(np.array([6, 2]), exclude=3, limit=2) == [5]
+    assert c.runners_up(np.array([7]), exclude=1, limit=2) == []  # unknown context
+
+
 def test_no_context_or_continuation_crosses_a_response_boundary():
     c = _c([[1, 2], [3, 4]], min_prob=0.1)
     assert c.propose(np.array([1, 2]), 3) == []  # 2 ended a response
@@ -60,6 +74,15 @@ def test_answers_match_a_brute_force_count():
                 break
         got = c.propose(np.array(ctx), 1)
         assert got == ([] if want is None else [want]), ctx
+        # runners-up: the longest known context's top 3, the excluded token left out
+        want_ru = []
+        for n in range(4, 0, -1):
+            nexts = {t: v for (k, t), v in counts.items() if k == tuple(ctx[-n:])}
+            if nexts:
+                top3 = sorted(nexts, key=lambda t: (-nexts[t], t))[:3]
+                want_ru = [t for t in top3 if t != want][:2]
+                break
+        assert c.runners_up(np.array(ctx), exclude=want, limit=2, min_share=0.0) == want_ru
 
 
 def test_file_round_trips_and_bad_files_are_refused(tmp_path):

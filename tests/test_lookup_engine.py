@@ -174,6 +174,7 @@ def _tiny_cache_job(tiny_llama):
                  concurrency=1), {**TINY_MIXED, "lookup_cache": True})
 
 
+@pytest.mark.full
 def test_lookups_and_deferred_verification_tensor_parallel_2_same_tokens(engine, tiny_llama):
     """TP=2 (the tiny model: SmolLM2's 9 attention heads do not split in 2).
     The same three prompts twice, one at a time: the second answers draft from

@@ -49,6 +49,42 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     assert p["pruned_lost"] <= p["steps"]
 
 
+def test_tree_corpus_runner_up_wins_where_the_main_draft_is_wrong(engine, smollm2, tmp_path):
+    """A corpus built from vanilla's own answers, three copies with a wrong
+    token every 12 positions and two right ones: the main draft follows the
+    wrong copies and the corpus's runner-up (the right token) is a sibling
+    branch. Verification takes the sibling and its continuation (the accepted
+    path leaves the main chain, its KV is moved into place), and every token
+    equals vanilla's, also past the many moves."""
+    import shutil
+
+    from vllm_adadecode.drafts.corpus import CORPUS_FILE, corpus_tokens, save_corpus
+    from vllm_adadecode.heads import SHIPPED_DIR
+
+    job = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
+               enable_prefix_caching=True)
+    van = _run(engine, smollm2, **job)  # the same job as the test above: run once
+    right, wrong = [], []
+    for out in van["token_ids"]:
+        bad = list(out)
+        for c in range(8, len(bad) - 4, 12):
+            bad[c] = bad[c] + 1 if bad[c] + 1 != bad[c + 1] else bad[c] + 2
+        right.append(list(out))
+        wrong.append(bad)
+    heads = tmp_path / "heads"
+    shutil.copytree(SHIPPED_DIR / "SmolLM2-135M-Instruct", heads)
+    (heads / CORPUS_FILE).unlink()
+    save_corpus(heads, corpus_tokens(wrong * 3 + right * 2))
+    spec = {**TREE, "lookup": True, "lookup_corpus": True, "heads": str(heads), "tree_nodes": 6}
+    tree = _run(engine, smollm2, **{**job, "second_round": False}, speculative_config=spec)
+    assert tree["token_ids"] == van["token_ids"]
+    t = tree["drafter"]["tree"]
+    corrupted = sum(len(range(8, len(o) - 4, 12)) for o in van["token_ids"])
+    # most wrong tokens were passed through their right sibling
+    assert t["diverged"] >= corrupted // 2, (t, corrupted)
+    assert tree["drafter"]["accepted_by_source"].get("corpus", 0) > 0
+
+
 def test_tree_with_self_drafts_and_sampled_requests_identical(engine, smollm2):
     """Trees beside early-exit self-drafts (the deferred forward runs the tree
     rows) in a batch that mixes greedy and sampled requests: every request

@@ -80,7 +80,8 @@ class AdaDecodeProposer(RunnerDrafter):
                 tokens = load_corpus_tokens(config.heads)  # checked at engine start
                 if tokens is not None:
                     self.corpus = DraftCorpus(tokens, min_prob=config.corpus_min_prob)
-        # Token trees: branches from other occurrences of the request's suffix.
+        # Token trees: branches from other occurrences of the request's suffix and
+        # from the corpus's runners-up.
         self.trees = TreeVerification() if config.tree and self.lookup is not None else None
         self.early_exit: EarlyExitDrafter | None = None  # built in load_model
         self.verification: DeferredVerification | None = None
@@ -176,7 +177,7 @@ class AdaDecodeProposer(RunnerDrafter):
         if self.trees is not None:
             for d in requests:
                 self._grow_tree(batch, d)
-        self.backoff.drafted(n_active, sum(len(d.drafted) + (d.tree.off_chain if d.tree else 0)
+        self.backoff.drafted(n_active, sum(d.tree.size if d.tree else len(d.drafted)
                                            for d in requests), bool(drafting))
         if self._step_log is not None:
             self._log_step(n_active, batch.num_reqs, sampled_token_ids, requests, joined)
@@ -186,9 +187,10 @@ class AdaDecodeProposer(RunnerDrafter):
         return out
 
     def _grow_tree(self, batch: RunnerBatch, d: RequestDraft) -> None:
-        """Branches beside a plain greedy request's draft: the continuations of
-        other earlier occurrences of its newest tokens, in the nodes its
-        budget leaves."""
+        """Branches beside a plain greedy request's draft, in the nodes its
+        budget leaves: the continuation of the newest other occurrence of its
+        newest tokens (which often goes on past the draft's end), the corpus's
+        runners-up where they disagree with the draft, then older occurrences."""
         if not d.drafted or d.sampled is not None or not batch.plain_greedy(d.row):
             return
         room = draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
@@ -198,13 +200,32 @@ class AdaDecodeProposer(RunnerDrafter):
             return
         nodes = len(d.drafted) + branch_nodes
         t0 = time.perf_counter()
-        alternatives = self.lookup.continuations(batch.token_ids(d.row), nodes,
-                                                 2 * self.config.tree_branches)
+        tokens = batch.token_ids(d.row)
+        found = self.lookup.continuations(tokens, nodes, 2 * self.config.tree_branches)
+        alternatives = found[:1] + self._corpus_branches(tokens, d.drafted, nodes) + found[1:]
         d.tree = build_tree(d.drafted, alternatives, max_nodes=nodes,
                             max_branches=self.config.tree_branches)
         if d.tree is not None:
-            self.adapt.tree_commit(d.tree.off_chain)
+            self.adapt.tree_commit(d.tree.size - len(d.drafted))
         self.counters.lookup_seconds += time.perf_counter() - t0
+
+    def _corpus_branches(self, tokens, drafted: list[int], nodes: int) -> list[list[int]]:
+        """At each drafted position, the corpus's runners-up to the drafted
+        token, each followed by the corpus's own continuation (root first)."""
+        if self.corpus is None:
+            return []
+        out: list[list[int]] = []
+        limit = self.config.tree_branches
+        ctx = [int(t) for t in tokens[-self.corpus.max_n:]]
+        for j, tok in enumerate(drafted):
+            if j + 1 >= nodes:
+                break
+            for r in self.corpus.runners_up(ctx, tok, limit - len(out)):
+                out.append(drafted[:j] + [r] + self.corpus.propose(ctx + [r], nodes - j - 1))
+            if len(out) >= limit:
+                break
+            ctx = ctx[1:] + [tok]
+        return out
 
     def _requests(self, batch: RunnerBatch, sampled_token_ids) -> list[RequestDraft]:
         """A draft for each request that may draft this step: it sampled a
@@ -307,7 +328,7 @@ class AdaDecodeProposer(RunnerDrafter):
                 depth.append(d.tail.depth)
             self.verification.hold(d.req_id, DraftedStates(
                 d.position - len(d.drafted), depth, hidden, residual, len(d.drafted),
-                extra=d.tree.off_chain if d.tree is not None else 0))
+                extra=d.tree.size - len(d.drafted) if d.tree is not None else 0))
 
     # ---- bookkeeping -----------------------------------------------------------
     def _settle(self, batch: RunnerBatch, sampled_token_ids: list[list[int]]) -> None:
@@ -319,14 +340,18 @@ class AdaDecodeProposer(RunnerDrafter):
                 continue
             req = batch.req_id(row)
             accepted = len(sampled) - 1
+            p = pending.get(req, _NOTHING_PENDING)
             tree = self.trees.settled.pop(req, None) if self.trees is not None else None
             if tree is not None:
-                # Verified as a tree: the main chain's own drafts held for its
-                # agreeing prefix only.
-                self.counters.tree_verified(*tree)
-                self.adapt.tree_verified(tree[2] - tree[3], tree[0] - tree[1])
-                accepted = tree[1]
-            p = pending.get(req, _NOTHING_PENDING)
+                # Verified as a tree: the drafted tokens held for their agreeing
+                # prefix only; the rest of the accepted path is the tree's gain.
+                path, on_chain, nodes, _, pruned, lost, diverged = tree
+                drafted = len(p.origins)
+                on_draft = min(on_chain, drafted)
+                self.counters.tree_verified(path, on_draft, nodes, drafted, pruned, lost,
+                                            diverged)
+                self.adapt.tree_verified(nodes - drafted, path - on_draft)
+                accepted = on_draft
             self.counters.verified(p, accepted)
             if p.n_lookup:
                 self.adapt.lookup_verified(req, p.n_lookup, min(accepted, p.n_lookup),

@@ -11,8 +11,10 @@ stays at or above ``min_prob``.
 
 The table: for every context length n in ``min_n..max_n`` and every position of
 the corpus, the n tokens before it (a 64-bit hash, the length mixed in) and the
-token there; per context, its most frequent next token and that token's share.
-The longest context of the request's tail found in the table answers. Built in
+token there; per context, its ``RANKS`` most frequent next tokens and their
+shares. The longest context of the request's tail found in the table answers.
+The runners-up are a token tree's branches where the corpus is less sure
+(``runners_up``). Built in
 about a second per 300k corpus tokens at engine start, searched with one
 ``np.searchsorted`` per drafted token. A hash collision can only make a draft
 wrong, which verification rejects like any other wrong draft.
@@ -30,6 +32,7 @@ CORPUS_FILE = "corpus.safetensors"
 CORPUS_KEY = "corpus.tokens"  # int32 token ids, responses separated by SEPARATOR
 SEPARATOR = -1
 MAX_CORPUS_TOKENS = 16 * 1024 * 1024  # a larger file is refused before it is read
+RANKS = 3  # next tokens kept per context, most frequent first
 
 _MASK = (1 << 64) - 1
 _BASE = 0x9E3779B97F4A7C15  # odd: multiplication is a bijection mod 2^64
@@ -81,7 +84,8 @@ class DraftCorpus:
                     keys.append(_mix(h[valid], n))
                     nxt.append(tokens[valid])
         if not keys:
-            return (np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+            return (np.zeros(0, np.uint64), np.zeros((0, RANKS), np.int32),
+                    np.zeros((0, RANKS), np.float32))
         k, x = np.concatenate(keys), np.concatenate(nxt)
         order = np.lexsort((x, k))
         k, x = k[order], x[order]
@@ -91,21 +95,29 @@ class DraftCorpus:
         start = np.flatnonzero(new)
         count = np.diff(np.append(start, len(k)))
         pk, px = k[start], x[start]
-        # per context: total, and the most frequent next token (first on ties)
+        # per context (in key order): total, and its RANKS most frequent next
+        # tokens (the smaller token first on ties), -1 where it has fewer
         first = np.ones(len(pk), dtype=bool)
         first[1:] = pk[1:] != pk[:-1]
         group = np.cumsum(first) - 1
         total = np.bincount(group, weights=count)
         order = np.lexsort((-count, group))
-        best = order[np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])]
-        return (pk[best], px[best].astype(np.int32),
-                (count[best] / total[group[best]]).astype(np.float32))
+        g = group[order]
+        at = np.arange(len(order))
+        rank = at - np.maximum.accumulate(np.where(np.r_[True, g[1:] != g[:-1]], at, 0))
+        keep = rank < RANKS
+        g, r, o = g[keep], rank[keep], order[keep]
+        nexts = np.full((int(group[-1]) + 1, RANKS), -1, dtype=np.int32)
+        probs = np.zeros((int(group[-1]) + 1, RANKS), dtype=np.float32)
+        nexts[g, r] = px[o]
+        probs[g, r] = count[o] / total[g]
+        return pk[first], nexts, probs
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _next(self, tail: list[int]) -> tuple[int, float] | None:
-        """The most frequent next token after the longest known suffix of ``tail``."""
+    def _found(self, tail: list[int]) -> np.ndarray:
+        """Table rows of the suffixes of ``tail`` the corpus knows, longest last."""
         qs, h, p = [], 0, 1
         for n in range(1, min(self.max_n, len(tail)) + 1):
             h = (h + (tail[-n] + 1) * p) & _MASK
@@ -113,15 +125,33 @@ class DraftCorpus:
             if n >= self.min_n:
                 qs.append(_mix(h, n))
         if not qs or not len(self.keys):
-            return None
+            return np.zeros(0, dtype=np.int64)
         q = np.array(qs, dtype=np.uint64)
         idx = np.searchsorted(self.keys, q)
         idx[idx >= len(self.keys)] = 0
-        hit = np.flatnonzero(self.keys[idx] == q)
-        if not hit.shape[0]:
+        return idx[self.keys[idx] == q]
+
+    def _next(self, tail: list[int]) -> tuple[int, float] | None:
+        """The most frequent next token after the longest known suffix of ``tail``."""
+        found = self._found(tail)
+        if not found.shape[0]:
             return None
-        i = idx[hit[-1]]  # the longest context found
-        return int(self.next[i]), float(self.prob[i])
+        i = found[-1]  # the longest context found
+        return int(self.next[i, 0]), float(self.prob[i, 0])
+
+    def runners_up(self, tokens, exclude: int, limit: int,
+                   min_share: float = 0.1) -> list[int]:
+        """Up to ``limit`` next tokens other than ``exclude`` after the longest
+        known suffix of ``tokens`` (the context corpus drafts read), most
+        frequent first, each with at least ``min_share`` of its continuations.
+        None where that context has one continuation: a shorter context's
+        guesses would be weaker than the draft's."""
+        found = self._found([int(x) for x in tokens[-self.max_n:]])
+        if not found.shape[0]:
+            return []
+        i = found[-1]
+        return [int(t) for t, pr in zip(self.next[i], self.prob[i])
+                if t >= 0 and t != exclude and pr >= min_share][:limit]
 
     def propose(self, tokens: np.ndarray, k: int) -> list[int]:
         """Up to ``k`` tokens continuing ``tokens``, while the product of their

@@ -6,7 +6,9 @@ linear draft every other source builds) first, so main-chain node ``j`` sits at
 flat index ``j`` (1-based; index 0 is the root, the request's newest sampled
 token). That keeps everything the linear path relies on in place: the drafter's
 layer states and KV for the main chain, and the flat slots vLLM gives the rows.
-Other branches follow, each node after its parent.
+An alternative that agrees with the whole main draft and goes on lengthens the
+main chain (its rows are a linear draft's rows, cheaper to verify than a
+branch's); other branches follow, each node after its parent.
 
 ``walk`` is the exact-match rule on a tree: from the root, move to the child
 whose token equals the full model's token at the current node, and emit the
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 class DraftTree:
     tokens: tuple[int, ...]  # node i + 1's token, depth-first, main chain first
     parents: tuple[int, ...]  # node i + 1's parent's flat index (0: the root)
-    main_len: int  # nodes 1 .. main_len are the main chain
+    main_len: int  # nodes 1 .. main_len are the main chain (each node's first child)
 
     @property
     def size(self) -> int:
@@ -84,7 +86,8 @@ def build_tree(main: Sequence[int], alternatives: Iterable[Sequence[int]], *,
                max_nodes: int, max_branches: int) -> DraftTree | None:
     """The main chain plus as many alternatives as fit in ``max_nodes`` nodes and
     ``max_branches`` new branches (an alternative that shares a prefix with the
-    tree adds only its new tail). None when no alternative adds a node."""
+    tree adds only its new tail; the first to go past the main draft's end
+    lengthens the main chain). None when no alternative adds a node."""
     main = [int(t) for t in main][:max_nodes]
     toks: list[int] = []
     par: list[int] = []
@@ -126,5 +129,9 @@ def build_tree(main: Sequence[int], alternatives: Iterable[Sequence[int]], *,
         stack.extend(reversed(list(kids[node].values())))
     flat = {node: i for i, node in enumerate(order, start=1)}
     flat[0] = 0
+    main_len, cur = 0, 0  # the first-child chain: flat indices 1 .. main_len
+    while kids[cur]:
+        cur = next(iter(kids[cur].values()))
+        main_len += 1
     return DraftTree(tuple(toks[n - 1] for n in order),
-                     tuple(flat[par[n - 1]] for n in order), len(main))
+                     tuple(flat[par[n - 1]] for n in order), main_len)
