@@ -87,10 +87,11 @@ def test_tree_corpus_runner_up_wins_where_the_main_draft_is_wrong(engine, smollm
 
 def test_tree_with_self_drafts_and_sampled_requests_identical(engine, smollm2):
     """Trees beside early-exit self-drafts (the deferred forward runs the tree
-    rows) in a batch that mixes greedy and sampled requests: every request
-    gives the same tokens with trees on and off (sampled requests draw by
-    position, so speculation does not move them; greedy ones equal vanilla's,
-    as the test above shows)."""
+    rows) in a batch that mixes greedy and sampled requests, both with trees:
+    every request gives the same tokens with trees on and off (a sampled
+    request's node is drawn with the key of its own depth's position, so
+    neither speculation nor the tree moves its tokens; greedy ones equal
+    vanilla's, as the test above shows)."""
     sampling = [{"temperature": 0.0} if i % 2 == 0 else {"temperature": 0.8, "seed": 7 + i}
                 for i in range(8)]
     spec = {**LOOKUP, "self_draft": True}
@@ -98,7 +99,8 @@ def test_tree_with_self_drafts_and_sampled_requests_identical(engine, smollm2):
     tree = _run(engine, smollm2, sampling=sampling, speculative_config={**spec, "tree": True})
     assert tree["token_ids"] == lin["token_ids"]
     d = tree["drafter"]
-    assert d["tree"]["steps"] > 0 and d["verify_layers_skipped"] > 0
+    assert d["tree"]["steps"] > d["tree"]["sampled"] > 0 and d["verify_layers_skipped"] > 0
+    assert d["tree"]["diverged"] > 0
     assert d["drafted_by_sampling"].get("sampled", 0) > 0
 
 

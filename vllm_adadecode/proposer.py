@@ -187,11 +187,12 @@ class AdaDecodeProposer(RunnerDrafter):
         return out
 
     def _grow_tree(self, batch: RunnerBatch, d: RequestDraft) -> None:
-        """Branches beside a plain greedy request's draft, in the nodes its
-        budget leaves: the continuation of the newest other occurrence of its
-        newest tokens (which often goes on past the draft's end), the corpus's
-        runners-up where they disagree with the draft, then older occurrences."""
-        if not d.drafted or d.sampled is not None or not batch.plain_greedy(d.row):
+        """Branches beside a plain request's draft (greedy, or sampled by
+        position), in the nodes its budget leaves: the continuation of the
+        newest other occurrence of its newest tokens (which often goes on past
+        the draft's end), the corpus's runners-up where they disagree with the
+        draft, then older occurrences."""
+        if not d.drafted or not batch.plain(d.row):
             return
         room = draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
                             d.position - len(d.drafted), self.max_model_len) - len(d.drafted)
@@ -351,6 +352,7 @@ class AdaDecodeProposer(RunnerDrafter):
                 self.counters.tree_verified(path, on_draft, nodes, drafted, pruned, lost,
                                             diverged)
                 self.adapt.tree_verified(nodes - drafted, path - on_draft)
+                self.counters.tree_sampled += p.sampling == "sampled"
                 accepted = on_draft
             self.counters.verified(p, accepted)
             if p.n_lookup:

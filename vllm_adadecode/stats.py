@@ -52,6 +52,7 @@ class DrafterStats:
     tree_branch_wins: int = 0
     tree_branch_tokens: int = 0
     tree_diverged: int = 0
+    tree_sampled: int = 0  # tree steps of sampled requests
     # Early pruning: branch nodes dropped after the first exit layer, and steps
     # where a dropped node would have been accepted.
     tree_pruned: int = 0
@@ -119,7 +120,7 @@ class DrafterStats:
                      "branch_nodes": self.tree_branch_nodes,
                      "branch_wins": self.tree_branch_wins,
                      "branch_tokens": self.tree_branch_tokens,
-                     "diverged": self.tree_diverged,
+                     "diverged": self.tree_diverged, "sampled": self.tree_sampled,
                      "pruned": self.tree_pruned, "pruned_lost": self.tree_pruned_lost},
         }
 

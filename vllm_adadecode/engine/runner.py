@@ -87,13 +87,11 @@ class RunnerBatch:
         return float(b.temperature_cpu[row]), (k if 0 < k < vocab else None), (
             p if p < 1.0 else None)
 
-    def plain_greedy(self, row: int) -> bool:
-        """Greedy with nothing that moves its argmax or asks for more than the
-        token: no penalties, bad words, logit bias, allowed tokens, min-tokens,
-        logprobs or structured output (a token tree's verification takes the
-        argmax of its raw logits)."""
-        if not self.is_greedy(row):
-            return False
+    def plain(self, row: int) -> bool:
+        """A request whose token at a position depends on nothing but that
+        position's logits (and, sampled, its seed and the position): no
+        penalties, bad words, logit bias, allowed tokens, min-tokens, logprobs
+        or structured output. A token tree's node is drawn like that."""
         state = self.runner.requests.get(self.req_id(row))
         sp = getattr(state, "sampling_params", None)
         if sp is None:

@@ -291,8 +291,9 @@ def check_tree_support(impl) -> str | None:
 
 def verify(step: TreeStep, num_draft_tokens, targets_of) -> dict[int, list[int]]:
     """Walk each tree on the full model's tokens and commit the accepted
-    nodes' KV; returns the tokens to emit per batch row. ``targets_of(first,
-    n)`` gives the full model's token at logits rows first .. first + n - 1."""
+    nodes' KV; returns the tokens to emit per batch row. ``targets_of(row,
+    first, n)`` gives the full model's token at the batch row's logits rows
+    first .. first + n - 1 (its nodes, the root first)."""
     k = np.asarray(num_draft_tokens, dtype=np.int64)
     firsts = np.concatenate([[0], np.cumsum(k + 1)[:-1]])
     emitted: dict[int, list[int]] = {}
@@ -301,7 +302,7 @@ def verify(step: TreeStep, num_draft_tokens, targets_of) -> dict[int, list[int]]
         n = e.tree.size
         if e.row >= len(k) or k[e.row] != n:
             continue  # not verified as this tree: the linear rule stands
-        toks, path, lost = e.tree.walk(targets_of(int(firsts[e.row]), n + 1), e.pruned)
+        toks, path, lost = e.tree.walk(targets_of(e.row, int(firsts[e.row]), n + 1), e.pruned)
         emitted[e.row] = toks
         on_chain = 0  # accepted main-draft nodes (the rest came from branches)
         while (on_chain < min(len(path), e.tree.main_len)

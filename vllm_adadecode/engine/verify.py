@@ -133,14 +133,15 @@ def install_exact_match_verifier() -> None:
                                   greedy[metadata.bonus_logits_indices].unsqueeze(-1),
                                   metadata.max_spec_len)
                 if trees is not None:
-                    _tree_rows(out, trees, metadata, lambda a, n: greedy[a:a + n].tolist())
+                    _tree_rows(out, trees, metadata,
+                               lambda row, a, n: greedy[a:a + n].tolist())
                 return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
-            res = _verify_by_depth(self.sampler, metadata, logits, sampling_metadata, step)
+            res, drawn = _verify_by_depth(self.sampler, metadata, logits, sampling_metadata,
+                                          step, trees)
             if trees is not None:
-                # Tree requests are plain greedy ones (the drafter builds trees
-                # for no other): their token is the argmax of their raw logits.
+                # Each node's draw, at its own depth's position.
                 _tree_rows(res.sampled_token_ids, trees, metadata,
-                           lambda a, n: logits[a:a + n].argmax(dim=-1).tolist())
+                           lambda row, a, n: drawn[row, :n].tolist())
             return res
         return forward
 
@@ -154,13 +155,15 @@ def _tree_rows(out: torch.Tensor, trees, metadata, targets_of) -> None:
         out[row, : len(toks)] = torch.tensor(toks, dtype=out.dtype)
 
 
-def _step_keys(step, depth: int):
+def _step_keys(step, depth):
+    """The keys of a sampler call whose row i predicts position ``first_i +
+    depth`` (``depth``: one for every request, or one per request)."""
     import contextlib
 
     return contextlib.nullcontext() if step is None else sampling.keyed(step.at_depth(depth))
 
 
-def _verify_by_depth(sampler, metadata, logits, sm, step):
+def _verify_by_depth(sampler, metadata, logits, sm, step, trees=None):
     """Exact-match verification for any batch: each depth j of the drafts is
     sampled by vLLM's own sampler, one row per request in batch order, exactly
     as a step without speculation would sample that position (the outputs so
@@ -170,7 +173,12 @@ def _verify_by_depth(sampler, metadata, logits, sm, step):
     differs is emitted instead, and every draw is what decoding without
     speculation emits there. Requests whose processing keeps state that drafts
     do not advance (min-tokens still active, a thinking budget) keep no drafts
-    this step: their token at depth 0 is exact."""
+    this step: their token at depth 0 is exact.
+
+    A request verified as a token tree (``trees``: only plain requests, whose
+    draw depends on nothing but the row's logits and position) has its node j
+    drawn in call j, keyed by that node's depth, with its ancestors as the
+    drafts before it. Returns the output and every draw ([requests, calls])."""
     import dataclasses
 
     import numpy as np
@@ -191,20 +199,34 @@ def _verify_by_depth(sampler, metadata, logits, sm, step):
         verifiable[:] = 0
     drafts = metadata.draft_token_ids.cpu().tolist()
     per_req = [drafts[c - n: c] for c, n in zip(np.cumsum(k).tolist(), k.tolist())]
+    # Per tree request: each node's depth and the tokens before it (node 0: the root).
+    node_depth: dict[int, list[int]] = {}
+    before: dict[int, list[list[int]]] = {}
+    for e in (trees.entries if trees is not None else ()):
+        if e.row < B and k[e.row] == e.tree.size:
+            node_depth[e.row] = [0] + e.tree.depths()
+            before[e.row] = [[]] + [[e.tree.tokens[a - 1] for a in e.tree.ancestors(i)]
+                                    for i in range(1, e.tree.size + 1)]
     need_outputs = bool(sm.output_token_ids)
     tokens, lps = [], []
     for j in range(S + 1):
         rows = torch.from_numpy(starts + np.minimum(j, k)).to(logits.device)
+        depth = j
+        if node_depth:
+            depth = np.full(B, j, dtype=np.int64)
+            for i, dd in node_depth.items():
+                depth[i] = dd[min(j, len(dd) - 1)]
         sm_j = sm
         if need_outputs:
             sm_j = dataclasses.replace(sm, spec_token_ids=None, output_token_ids=[
-                list(out) + d[:j] for out, d in zip(sm.output_token_ids, per_req)])
+                list(out) + (before[i][min(j, len(before[i]) - 1)] if i in before else d[:j])
+                for i, (out, d) in enumerate(zip(sm.output_token_ids, per_req))])
         if j and sm.generators:
             # A seeded generator advances only for a position its request
             # really samples (vLLM's own sampler without position keys).
             sm_j = dataclasses.replace(sm_j, generators={
                 i: g for i, g in sm.generators.items() if i < B and k[i] >= j})
-        with _step_keys(step, j):
+        with _step_keys(step, depth):
             res = sampler(logits=logits[rows], sampling_metadata=sm_j)
         tokens.append(res.sampled_token_ids.reshape(B).long().cpu())
         lps.append(res.logprobs_tensors)
@@ -218,7 +240,8 @@ def _verify_by_depth(sampler, metadata, logits, sm, step):
 
         logprobs = LogprobsTensors(stacked("logprob_token_ids"), stacked("logprobs"),
                                    stacked("selected_token_ranks"))
-    return SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=logprobs)
+    return (SamplerOutput(sampled_token_ids=out.to(logits.device), logprobs_tensors=logprobs),
+            drawn)
 
 
 def _argmax_is_the_sample(sm) -> bool:
