@@ -53,7 +53,11 @@ def test_tiny_qwen2_sampled_drafts_do_not_change_sampled_tokens(engine, tiny_qwe
 
 def test_tiny_qwen2_tensor_parallel_2_same_tokens(engine, tiny_qwen2):
     """TP=2 (8 query heads and 2 KV heads split across 2 ranks): the same
-    tokens as vanilla, and the same drafts as one rank."""
+    tokens as vanilla, and the same drafts as one rank. The same three prompts
+    twice, one at a time: the second answers draft from the cache of earlier
+    responses, then self-draft after those tokens, verified by the deferred
+    layers on both ranks alike (the Llama version of this test is in the long
+    tier)."""
     job = dict(model=tiny_qwen2, prompts=PROMPTS8[:3] * 2, max_tokens=32, concurrency=1)
     van = engine(**job)
     one = engine(**job, speculative_config=LOOKUPS)
@@ -65,6 +69,9 @@ def test_tiny_qwen2_tensor_parallel_2_same_tokens(engine, tiny_qwen2):
     judged = sum(d["accepted_by_exit"].values()) + sum(d["rejected_by_exit"].values())
     assert judged == d["drafted_by_source"].get("exit", 0) > 0
     assert two["drafter"]["verify_layers_skipped"] == one["drafter"]["verify_layers_skipped"] > 0
+    assert d["steps_by_sources"] == one["drafter"]["steps_by_sources"]
+    assert d["steps_by_sources"].get("lookup+exit", 0) > 0
+    assert d["accepted_by_source"].get("cache", 0) > 0
 
 
 def test_unknown_architecture_is_refused_at_engine_start(tmp_path, smollm2):

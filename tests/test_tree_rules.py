@@ -48,6 +48,42 @@ def test_build_tree_keeps_the_main_chain_first_and_parents_before_children():
     assert built > 300
 
 
+def test_an_alternative_past_the_draft_lengthens_the_main_chain_and_labels_follow():
+    tree = build_tree([1, 2], [[1, 2, 3, 4], [5, 6], [1, 7]], max_nodes=7, max_branches=3,
+                      labels=["lookup", "corpus", "exit"])
+    assert tree.tokens == (1, 2, 3, 4, 7, 5, 6) and tree.main_len == 4
+    assert tree.parents == (0, 1, 2, 3, 1, 0, 6)
+    assert tree.labels == ("draft", "draft", "lookup", "lookup", "exit", "corpus", "corpus")
+    # a path through the sibling 7 leaves the main chain; one past 2 does not
+    assert tree.walk([1, 2, 3, 4, 9, 0, 0, 0])[1] == [1, 2, 3, 4]
+    assert tree.walk([1, 7, 0, 0, 0, 0, 0, 0])[1] == [1, 5]
+
+
+def test_pruning_in_the_forward_drops_only_whole_subtrees_after_the_last_node_that_stays():
+    """Rows dropped from the verification forward form the end of the
+    request's rows (each attention call reads a request's rows as a contiguous
+    run of positions); a node pruning would drop before one that stays runs
+    on and stays in the walk."""
+    from vllm_adadecode.engine.tree import TreeRows
+
+    rng = random.Random(3)
+    seen_kept = 0
+    for _ in range(500):
+        tree = _random_tree(rng)[0]
+        if tree is None:
+            continue
+        top = {p: {rng.randrange(6)} for p in range(tree.size + 1)}
+        rows = TreeRows(0, 10, 50, tree, torch.arange(8), 32)
+        dropped = rows.prune(top)
+        n = tree.size
+        assert dropped == [10 + i for i in range(n - len(dropped) + 1, n + 1)]
+        assert rows.pruned <= tree.prune(top)
+        for i in rows.pruned:  # closed under children
+            assert all(j in rows.pruned for j in range(1, n + 1) if tree.parents[j - 1] == i)
+        seen_kept += len(tree.prune(top) - rows.pruned) > 0
+    assert seen_kept > 20  # the rule mattered
+
+
 def _brute_force(tree: DraftTree, targets: list[int], pruned=frozenset()):
     """The longest root path of unpruned nodes whose every node equals the
     target at its parent."""

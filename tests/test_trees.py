@@ -42,6 +42,7 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     assert t["steps"] > 50 and t["branch_nodes"] > 0
     assert t["branch_wins"] > 0 and t["branch_tokens"] >= t["branch_wins"]
     assert t["diverged"] > 0  # some paths went through a sibling branch
+    assert t["gain_lookup"] == t["branch_tokens"]  # the only branch source here
     assert lin["drafter"]["tree"]["steps"] == 0
     assert tree["tokens_per_step"] >= lin["tokens_per_step"]
     p = pruned["drafter"]["tree"]
@@ -50,12 +51,15 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
 
 
 def test_tree_corpus_runner_up_wins_where_the_main_draft_is_wrong(engine, smollm2, tmp_path):
-    """A corpus built from vanilla's own answers, three copies with a wrong
-    token every 12 positions and two right ones: the main draft follows the
-    wrong copies and the corpus's runner-up (the right token) is a sibling
-    branch. Verification takes the sibling and its continuation (the accepted
-    path leaves the main chain, its KV is moved into place), and every token
-    equals vanilla's, also past the many moves."""
+    """A corpus built from vanilla's own answers, with a wrong token every 12
+    positions in four copies, another wrong token there in three and the right
+    one in two: the main draft follows the first wrong copies, and the corpus's
+    runners-up (the other wrong token, then the right one) are sibling
+    branches. Verification takes the right sibling and its continuation (the
+    accepted path leaves the main chain, its KV is moved into place), and every
+    token equals vanilla's, also past the many moves. Pruned to the exit
+    head's top 1, branches drop out of the forward between others that stay,
+    and the tokens still equal vanilla's."""
     import shutil
 
     from vllm_adadecode.drafts.corpus import CORPUS_FILE, corpus_tokens, save_corpus
@@ -64,17 +68,18 @@ def test_tree_corpus_runner_up_wins_where_the_main_draft_is_wrong(engine, smollm
     job = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
                enable_prefix_caching=True)
     van = _run(engine, smollm2, **job)  # the same job as the test above: run once
-    right, wrong = [], []
+    right, wrong1, wrong2 = [], [], []
     for out in van["token_ids"]:
-        bad = list(out)
-        for c in range(8, len(bad) - 4, 12):
-            bad[c] = bad[c] + 1 if bad[c] + 1 != bad[c + 1] else bad[c] + 2
+        bad1, bad2 = list(out), list(out)
+        for c in range(8, len(out) - 4, 12):
+            bad1[c], bad2[c] = [t for t in range(out[c] + 1, out[c] + 4) if t != out[c + 1]][:2]
         right.append(list(out))
-        wrong.append(bad)
+        wrong1.append(bad1)
+        wrong2.append(bad2)
     heads = tmp_path / "heads"
     shutil.copytree(SHIPPED_DIR / "SmolLM2-135M-Instruct", heads)
     (heads / CORPUS_FILE).unlink()
-    save_corpus(heads, corpus_tokens(wrong * 3 + right * 2))
+    save_corpus(heads, corpus_tokens(wrong1 * 4 + wrong2 * 3 + right * 2))
     spec = {**TREE, "lookup": True, "lookup_corpus": True, "heads": str(heads), "tree_nodes": 6}
     tree = _run(engine, smollm2, **{**job, "second_round": False}, speculative_config=spec)
     assert tree["token_ids"] == van["token_ids"]
@@ -82,6 +87,11 @@ def test_tree_corpus_runner_up_wins_where_the_main_draft_is_wrong(engine, smollm
     corrupted = sum(len(range(8, len(o) - 4, 12)) for o in van["token_ids"])
     # most wrong tokens were passed through their right sibling
     assert t["diverged"] >= corrupted // 2, (t, corrupted)
+    assert t["gain_corpus"] > 0
+    pruned = _run(engine, smollm2, **{**job, "second_round": False},
+                  speculative_config={**spec, "tree_prune_top_k": 1})
+    assert pruned["token_ids"] == van["token_ids"]
+    assert pruned["drafter"]["tree"]["pruned"] > 0
     assert tree["drafter"]["accepted_by_source"].get("corpus", 0) > 0
 
 
@@ -101,6 +111,7 @@ def test_tree_with_self_drafts_and_sampled_requests_identical(engine, smollm2):
     d = tree["drafter"]
     assert d["tree"]["steps"] > d["tree"]["sampled"] > 0 and d["verify_layers_skipped"] > 0
     assert d["tree"]["diverged"] > 0
+    assert d["tree"]["gain_exit"] > 0  # the exit heads' other tokens won some steps
     assert d["drafted_by_sampling"].get("sampled", 0) > 0
 
 

@@ -122,6 +122,8 @@ class AdaDecodeProposer(RunnerDrafter):
             model, self.segments, heads, exit_layers=config.exit_layers,
             threshold=config.threshold, use_shortlist=config.shortlist, stats=self.counters,
             full_head_check=config.full_head_check)
+        if self.trees is not None:
+            self.early_exit.tree_alternatives = config.tree_branches
         if config.deferred:
             self.verification = DeferredVerification(model, self.segments, self.counters)
             self.deferred_forward = self.verification.forward
@@ -190,9 +192,11 @@ class AdaDecodeProposer(RunnerDrafter):
         """Branches beside a plain request's draft (greedy, or sampled by
         position), in the nodes its budget leaves: the continuation of the
         newest other occurrence of its newest tokens (which often goes on past
-        the draft's end), the corpus's runners-up where they disagree with the
-        draft, then older occurrences."""
-        if not d.drafted or not batch.plain(d.row):
+        the draft's end), the exit heads' other likely tokens at its
+        self-drafted positions (and its likeliest ones where the last attempt
+        was not confident), the corpus's runners-up where they disagree with
+        the draft, then older occurrences."""
+        if not (d.drafted or d.exit_alternatives) or not batch.plain(d.row):
             return
         room = draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
                             d.position - len(d.drafted), self.max_model_len) - len(d.drafted)
@@ -203,26 +207,33 @@ class AdaDecodeProposer(RunnerDrafter):
         t0 = time.perf_counter()
         tokens = batch.token_ids(d.row)
         found = self.lookup.continuations(tokens, nodes, 2 * self.config.tree_branches)
-        alternatives = found[:1] + self._corpus_branches(tokens, d.drafted, nodes) + found[1:]
+        exits = [d.drafted[:j] + [t] for j, alts in sorted(d.exit_alternatives.items())
+                 for t in alts]
+        corpus = self._corpus_branches(tokens, d.drafted, nodes)
+        alternatives = found[:1] + exits + corpus + found[1:]
+        labels = (["lookup"] * len(found[:1]) + ["exit"] * len(exits) + ["corpus"] * len(corpus)
+                  + ["lookup"] * len(found[1:]))
         d.tree = build_tree(d.drafted, alternatives, max_nodes=nodes,
-                            max_branches=self.config.tree_branches)
+                            max_branches=self.config.tree_branches, labels=labels)
         if d.tree is not None:
             self.adapt.tree_commit(d.tree.size - len(d.drafted))
         self.counters.lookup_seconds += time.perf_counter() - t0
 
     def _corpus_branches(self, tokens, drafted: list[int], nodes: int) -> list[list[int]]:
         """At each drafted position, the corpus's runners-up to the drafted
-        token, each followed by the corpus's own continuation (root first)."""
+        token, each followed by the corpus's own continuation (root first), in
+        an equal share of the tree's nodes: wide trees, not one long branch."""
         if self.corpus is None:
             return []
         out: list[list[int]] = []
         limit = self.config.tree_branches
+        each = max(1, self.config.tree_nodes // limit)  # nodes per runner-up branch
         ctx = [int(t) for t in tokens[-self.corpus.max_n:]]
         for j, tok in enumerate(drafted):
             if j + 1 >= nodes:
                 break
             for r in self.corpus.runners_up(ctx, tok, limit - len(out)):
-                out.append(drafted[:j] + [r] + self.corpus.propose(ctx + [r], nodes - j - 1))
+                out.append(drafted[:j] + [r] + self.corpus.propose(ctx + [r], each - 1))
             if len(out) >= limit:
                 break
             ctx = ctx[1:] + [tok]
@@ -346,11 +357,11 @@ class AdaDecodeProposer(RunnerDrafter):
             if tree is not None:
                 # Verified as a tree: the drafted tokens held for their agreeing
                 # prefix only; the rest of the accepted path is the tree's gain.
-                path, on_chain, nodes, _, pruned, lost, diverged = tree
+                path, on_chain, nodes, _, pruned, lost, diverged, gained_by = tree
                 drafted = len(p.origins)
                 on_draft = min(on_chain, drafted)
                 self.counters.tree_verified(path, on_draft, nodes, drafted, pruned, lost,
-                                            diverged)
+                                            diverged, gained_by)
                 self.adapt.tree_verified(nodes - drafted, path - on_draft)
                 self.counters.tree_sampled += p.sampling == "sampled"
                 accepted = on_draft

@@ -159,12 +159,14 @@ SETTINGS: tuple[Setting, ...] = (
             "gain from drafting at batch 16 (docs/performance/load.md); `null` lifts it",
             nullable=True),
     Setting("tree", "bool", False,
-            "token trees (ProPD): other earlier occurrences of the request's newest tokens "
-            "add their continuations as branches beside the main draft, all verified in one "
-            "forward in which each node "
-            "attends to the request's tokens and its own ancestors only; the longest branch "
-            "the full model agrees with is kept (plain greedy requests; exact; "
-            "docs/guides/token-trees.md)"),
+            "token trees (ProPD): other earlier occurrences of the request's newest tokens, "
+            "the exit heads' next likeliest tokens and the corpus's runners-up add branches "
+            "beside the main draft (an occurrence "
+            "that goes on past the draft's end lengthens it), all verified in one forward "
+            "in which each node attends to the request's tokens and its own ancestors only; "
+            "the longest branch the full model agrees with is kept (greedy and sampled "
+            "requests without penalties, bad words, logit bias, allowed tokens, min-tokens, "
+            "logprobs or structured output; exact; docs/guides/token-trees.md)"),
     Setting("tree_branches", "int", 3,
             "most branches a tree adds beside the main draft per request and step"),
     Setting("tree_nodes", "int", 4,

@@ -53,6 +53,8 @@ class DrafterStats:
     tree_branch_tokens: int = 0
     tree_diverged: int = 0
     tree_sampled: int = 0  # tree steps of sampled requests
+    # tokens gained past the main draft, by the source of the first node beyond it
+    tree_gain_by_source: Counter = field(default_factory=Counter)
     # Early pruning: branch nodes dropped after the first exit layer, and steps
     # where a dropped node would have been accepted.
     tree_pruned: int = 0
@@ -76,7 +78,8 @@ class DrafterStats:
                 by[origin.exit_layer] += 1
 
     def tree_verified(self, accepted: int, on_chain: int, nodes: int, main_len: int,
-                      pruned: int = 0, lost: int = 0, diverged: int = 0) -> None:
+                      pruned: int = 0, lost: int = 0, diverged: int = 0,
+                      gained_by: str = "") -> None:
         self.tree_steps += 1
         self.tree_diverged += diverged
         self.tree_pruned += pruned
@@ -86,6 +89,7 @@ class DrafterStats:
         if accepted > on_chain:
             self.tree_branch_wins += 1
             self.tree_branch_tokens += accepted - on_chain
+            self.tree_gain_by_source[gained_by or "branch"] += accepted - on_chain
 
     def per_request(self, req_id: str, accepted: int) -> None:
         st = self.requests.setdefault(req_id, [0, 0])
@@ -121,6 +125,8 @@ class DrafterStats:
                      "branch_wins": self.tree_branch_wins,
                      "branch_tokens": self.tree_branch_tokens,
                      "diverged": self.tree_diverged, "sampled": self.tree_sampled,
+                     **{f"gain_{k}": self.tree_gain_by_source[k]
+                        for k in ("lookup", "exit", "corpus")},
                      "pruned": self.tree_pruned, "pruned_lost": self.tree_pruned_lost},
         }
 

@@ -549,7 +549,10 @@ def format_table(doc: dict) -> str:
                              f"path went past the main draft's agreeing prefix "
                              f"{tr['branch_wins']} times (+{tr['branch_tokens']} tokens; "
                              f"{tr.get('diverged', 0)} of them through a sibling branch, "
-                             f"the rest past its end); pruned {tr.get('pruned', 0)} nodes, "
+                             f"the rest past its end; by branch source: lookup "
+                             f"{tr.get('gain_lookup', 0)}, exit {tr.get('gain_exit', 0)}, "
+                             f"corpus {tr.get('gain_corpus', 0)}); pruned "
+                             f"{tr.get('pruned', 0)} nodes, "
                              f"{tr.get('pruned_lost', 0)} steps lost an acceptable node")
             st = r.get("step_ms")
             if st:

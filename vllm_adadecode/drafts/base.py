@@ -89,6 +89,9 @@ class RequestDraft:
     tail: LayerState | None = None
     sampled: Sampled | None = None  # None: greedy
     tree: object | None = None  # a DraftTree (drafts/tree.py) when branches ride along
+    # Token trees: the exit heads' other likely tokens, by the index in ``drafted``
+    # they stand beside (index len(drafted): where the last attempt was not confident).
+    exit_alternatives: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def room(self) -> bool:

@@ -45,6 +45,8 @@ class EarlyExitDrafter:
             for x in self.exit_layers
         }
         self.full_head_check = full_head_check
+        # Token trees: the head's likeliest tokens kept beside each attempt (0: none).
+        self.tree_alternatives = 0
         self.shortlist = None  # (token ids, their LM-head rows, logit scale)
         if use_shortlist and heads.shortlist is not None:
             rows = model.lm_head_rows(heads.shortlist)
@@ -109,6 +111,7 @@ class EarlyExitDrafter:
             go = exits(prob, self.threshold)
             if any(sampled):
                 token = self._couple(reqs, token, go, full)
+            alternatives = self._alternatives(full, token) if self.tree_alternatives else {}
             go = go.tolist()
             token = token.tolist()
             still = []
@@ -126,6 +129,8 @@ class EarlyExitDrafter:
                     d.depth.append(depth)
                     d.drafted.append(token[j])
                     d.origins.append(exit_at(exit_layer))
+                    if j in alternatives:
+                        d.exit_alternatives[len(d.drafted) - 1] = alternatives[j]
                     d.token = token[j]
                     d.position += 1
                     exited.append(d)
@@ -134,6 +139,9 @@ class EarlyExitDrafter:
                     still.append(j)
                     if exit_layer == self.exit_layers[-1]:
                         d.tail = LayerState(hidden[end: end + 1], residual[end: end + 1], depth)
+                        if j in alternatives:  # not confident: its likeliest tokens
+                            d.exit_alternatives[len(d.drafted)] = (
+                                [token[j]] + alternatives[j])[: self.tree_alternatives]
                 start = end + 1
             if not still:
                 break
@@ -141,6 +149,16 @@ class EarlyExitDrafter:
             new_res = residual[ends[still]]
             alive = [alive[j] for j in still]
         return exited
+
+    def _alternatives(self, full, token: torch.Tensor) -> dict[int, list[int]]:
+        """Per row whose full LM head ran: its most likely tokens after the
+        top-1 (``tree_alternatives`` of them), a token tree's branches."""
+        rows, logits = full
+        if logits is None or not len(rows):
+            return {}
+        top = logits.topk(self.tree_alternatives + 1, dim=-1).indices.tolist()
+        return {int(r): [t for t in ts if t != int(token[r])][: self.tree_alternatives]
+                for r, ts in zip(rows.tolist(), top)}
 
     def _exit_top1(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor,
                    sampled: list[bool]):

@@ -27,6 +27,9 @@ class DraftTree:
     tokens: tuple[int, ...]  # node i + 1's token, depth-first, main chain first
     parents: tuple[int, ...]  # node i + 1's parent's flat index (0: the root)
     main_len: int  # nodes 1 .. main_len are the main chain (each node's first child)
+    # Per node: "draft" for the request's own draft, else the source of the
+    # alternative that added it (empty: no labels kept).
+    labels: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -83,19 +86,24 @@ class DraftTree:
 
 
 def build_tree(main: Sequence[int], alternatives: Iterable[Sequence[int]], *,
-               max_nodes: int, max_branches: int) -> DraftTree | None:
+               max_nodes: int, max_branches: int,
+               labels: Sequence[str] | None = None) -> DraftTree | None:
     """The main chain plus as many alternatives as fit in ``max_nodes`` nodes and
     ``max_branches`` new branches (an alternative that shares a prefix with the
     tree adds only its new tail; the first to go past the main draft's end
-    lengthens the main chain). None when no alternative adds a node."""
+    lengthens the main chain). None when no alternative adds a node.
+    ``labels``: each alternative's source, kept per node it adds."""
     main = [int(t) for t in main][:max_nodes]
     toks: list[int] = []
     par: list[int] = []
+    lab: list[str] = []
     kids: list[dict[int, int]] = [{}]  # per node (0: root), token -> node
+    label = "draft"
 
     def add(tok: int, parent: int) -> int:
         toks.append(tok)
         par.append(parent)
+        lab.append(label)
         kids.append({})
         kids[parent][tok] = len(toks)
         return len(toks)
@@ -104,9 +112,10 @@ def build_tree(main: Sequence[int], alternatives: Iterable[Sequence[int]], *,
     for t in main:
         cur = add(t, cur)
     branches = 0
-    for alt in alternatives:
+    for i, alt in enumerate(alternatives):
         if branches >= max_branches or len(toks) >= max_nodes:
             break
+        label = labels[i] if labels is not None else "branch"
         cur, grew = 0, False
         for t in alt:
             t = int(t)
@@ -134,4 +143,5 @@ def build_tree(main: Sequence[int], alternatives: Iterable[Sequence[int]], *,
         cur = next(iter(kids[cur].values()))
         main_len += 1
     return DraftTree(tuple(toks[n - 1] for n in order),
-                     tuple(flat[par[n - 1]] for n in order), main_len)
+                     tuple(flat[par[n - 1]] for n in order), main_len,
+                     tuple(lab[n - 1] for n in order))

@@ -109,8 +109,19 @@ class TreeRows:
         return sorted({self.tree.parents[i - 1] for i in range(m + 1, self.tree.size + 1)})
 
     def prune(self, top_k: dict[int, set[int]]) -> list[int]:
-        """Drop branch nodes outside their parent's top-k; their flat rows."""
-        self.pruned = self.tree.prune(top_k)
+        """Drop branch nodes outside their parent's top-k; their flat rows.
+
+        Only the nodes after the last one that stays are dropped: each
+        attention call reads a request's rows as a contiguous run of positions
+        ending at its last row (vLLM's causal rule), so a row missing from the
+        middle would shift every main-chain row before it. A node to drop
+        before one that stays runs on and is verified like any other (depth
+        first, a dropped node's subtree follows it: what is dropped is whole
+        subtrees)."""
+        drop = self.tree.prune(top_k)
+        stays = [i for i in range(1, self.tree.size + 1) if i not in drop]
+        last = stays[-1] if stays else 0
+        self.pruned = frozenset(i for i in drop if i > last)
         return [self.start + i for i in sorted(self.pruned)]
 
 
@@ -126,7 +137,8 @@ class TreeStep:
         self.rope = torch.cat([e.rope for e in entries])
         # req -> (accepted, of them on the main chain, nodes, main length, pruned
         # nodes, 1 if a pruned node would have been accepted, 1 if the accepted
-        # path left the main chain for a sibling branch)
+        # path left the main chain for a sibling branch, the source of the first
+        # accepted node beyond the request's own draft or "")
         self.results = results
 
     def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
@@ -309,8 +321,12 @@ def verify(step: TreeStep, num_draft_tokens, targets_of) -> dict[int, list[int]]
                and path[on_chain] == on_chain + 1):
             on_chain += 1
         diverged = any(node != depth for depth, node in enumerate(path, start=1))
+        # the source of the first accepted node that was not the request's own draft
+        gained_by = next((e.tree.labels[i - 1] for i in path
+                          if e.tree.labels and e.tree.labels[i - 1] != "draft"), "")
         step.results[step.runner.input_batch.req_ids[e.row]] = (
-            len(path), on_chain, n, e.tree.main_len, len(e.pruned), int(lost), int(diverged))
+            len(path), on_chain, n, e.tree.main_len, len(e.pruned), int(lost), int(diverged),
+            gained_by)
         if diverged:
             moves.append((e, path))
     if moves:
