@@ -198,3 +198,28 @@ def test_without_a_fit_a_loaded_step_drafts_one_token_per_request():
     assert ad.lookup_length("sure") == 5
     ad.begin_step(16)
     assert ad.lookup_length("sure") == 1
+
+
+def test_tree_size_follows_the_branch_gain_and_the_row_cost():
+    """Tree nodes: many where a node has gained tokens and rows are cheap,
+    none where rows are dear or where no fit of this batch size exists (a
+    larger batch then grows trees only on probes)."""
+    ad = DraftAdaptation(k_max=5)
+    for _ in range(20):
+        ad.tree_verified(4, 4)  # every node gained a token
+    ad.begin_step(1)
+    assert ad.tree_nodes("a", 4) == 4  # batch 1: the measured ratios say rows are cheap
+    ad.cost = _fitted_cost(row_ms=0.3)
+    ad.begin_step(16)
+    assert ad.tree_nodes("a", 4) == 4  # cheap rows at batch 16
+    ad.cost = _fitted_cost(row_ms=20.0)
+    ad.begin_step(16)
+    assert ad.tree_nodes("b", 4) == 0  # dear rows
+    ad.cost = StepCost()
+    ad.begin_step(16)
+    sizes = [ad.tree_nodes("c", 4) for _ in range(16)]
+    assert sizes.count(4) == 2 and sizes.count(0) == 14  # unfitted: probes only
+    for _ in range(200):
+        ad.tree_verified(4, 0)  # nodes stopped gaining
+    ad.begin_step(1)
+    assert ad.tree_nodes("d", 4) == 0

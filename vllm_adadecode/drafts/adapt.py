@@ -257,16 +257,17 @@ class DraftAdaptation:
         if self.fixed or max_nodes <= 0:
             return max(0, max_nodes)
         a = self.branch_gain()
-        cost = self.cost if self.cost.fitted(self._batch) else _FALLBACK_COST
-        batch = self._batch if self.cost.fitted(self._batch) else 1
-        tokens = self._tokens if batch == self._batch else 1.0
-        extra = self._extra if batch == self._batch else 0
-        base = tokens / cost.step(batch, extra) * (1.0 + 0.02 / max(tokens, 1.0))
-        best_n, best = 0, base
-        for n in range(1, max_nodes + 1):
-            ratio = (tokens + a * n) / cost.step(batch, extra + n)
-            if ratio > best:
-                best_n, best = n, ratio
+        best_n = 0
+        if self.cost.fitted(self._batch) or self._batch == 1:
+            # Without a fit of this batch size's steps, only one request's
+            # batch-1 ratios stand in; a larger batch grows trees only on probes.
+            cost = self.cost if self.cost.fitted(self._batch) else _FALLBACK_COST
+            tokens, extra, batch = self._tokens, self._extra, self._batch
+            best = tokens / cost.step(batch, extra) * (1.0 + 0.02 / max(tokens, 1.0))
+            for n in range(1, max_nodes + 1):
+                ratio = (tokens + a * n) / cost.step(batch, extra + n)
+                if ratio > best:
+                    best_n, best = n, ratio
         if best_n:
             self._tree_skipped[req_id] = 0
             return best_n
