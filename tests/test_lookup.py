@@ -206,20 +206,77 @@ def test_tree_size_follows_the_branch_gain_and_the_row_cost():
     larger batch then grows trees only on probes)."""
     ad = DraftAdaptation(k_max=5)
     for _ in range(20):
-        ad.tree_verified(4, 4)  # every node gained a token
+        ad.tree_verified(0, 4, 4, True)  # every sibling node gained a token
     ad.begin_step(1)
-    assert ad.tree_nodes("a", 4) == 4  # batch 1: the measured ratios say rows are cheap
+    assert ad.tree_nodes("a", 4) == (4, False)  # batch 1: the measured ratios say rows are cheap
     ad.cost = _fitted_cost(row_ms=0.3)
     ad.begin_step(16)
-    assert ad.tree_nodes("a", 4) == 4  # cheap rows at batch 16
+    assert ad.tree_nodes("a", 4) == (4, False)  # cheap rows at batch 16
     ad.cost = _fitted_cost(row_ms=20.0)
     ad.begin_step(16)
-    assert ad.tree_nodes("b", 4) == 0  # dear rows
+    assert ad.tree_nodes("b", 4) == (0, False)  # dear rows
     ad.cost = StepCost()
     ad.begin_step(16)
     sizes = [ad.tree_nodes("c", 4) for _ in range(16)]
-    assert sizes.count(4) == 2 and sizes.count(0) == 14  # unfitted: probes only
+    assert sizes.count((4, True)) == 2 and sizes.count((0, False)) == 14  # probes only
     for _ in range(200):
-        ad.tree_verified(4, 0)  # nodes stopped gaining
+        ad.tree_verified(4, 4, 0, False)  # nodes stopped gaining
     ad.begin_step(1)
-    assert ad.tree_nodes("d", 4) == 0
+    assert ad.tree_nodes("d", 4) == (0, False)
+
+
+def _tree_cost(off_row_ms: float) -> StepCost:
+    """Batch-1 steps of 100 ms, 5 ms per drafted row, and ``off_row_ms`` more
+    for each row off a tree's main chain."""
+    rng = np.random.default_rng(1)
+    cost = StepCost()
+    for _ in range(200):
+        extra = int(rng.integers(0, 10))
+        off = int(rng.integers(0, extra + 1)) if rng.random() < 0.5 else 0
+        cost.observe(0.1 + 0.005 * extra + off_row_ms * 1e-3 * off
+                     + rng.normal(0, 0.0005), 1, extra, off)
+    cost.set_fits(cost.refit())
+    return cost
+
+
+def test_step_cost_fits_what_an_off_chain_row_adds():
+    cost = _tree_cost(off_row_ms=4.0)
+    fit = cost.summary()["1"]
+    assert fit["row_ms"] == pytest.approx(5.0, abs=0.3)
+    assert fit["off_row_ms"] == pytest.approx(4.0, abs=0.3)
+    assert cost.step(1, 6, 3) - cost.step(1, 6, 0) == pytest.approx(0.012, abs=0.001)
+    # Never a row that costs less off the chain: a negative fit is refitted as 0.
+    assert _tree_cost(off_row_ms=-3.0).fits[1][3] == 0.0
+    # Steps whose off-chain rows never varied fit no off-chain cost.
+    flat = StepCost()
+    for i in range(40):
+        flat.observe(0.1 + 0.005 * (i % 6), 1, i % 6, 0)
+    flat.set_fits(flat.refit())
+    assert flat.fits[1][3] == 0.0 and flat.step(1, 4, 2) == flat.step(1, 4, 0)
+
+
+def test_tree_shape_keeps_what_pays_of_each_kind_of_node():
+    """A built tree is cut to the shape with the most tokens per unit of cost:
+    the main chain alone where siblings gain little for their dearer rows, the
+    whole tree where they gain, nothing where no node gains, and a probe keeps
+    the tree whole."""
+    ad = DraftAdaptation(k_max=5)
+    ad.cost = _tree_cost(off_row_ms=20.0)
+    for _ in range(50):
+        ad.tree_verified(4, 0, 4, False)  # every node that lengthened the chain gained
+        ad.tree_verified(0, 4, 0, True)  # siblings gained nothing
+    ad.begin_step(1)
+    shapes = [ad.tree_shape("r", 3, 4) for _ in range(16)]
+    # the main chain alone, and every 8th tree whole, so the siblings stay measured
+    assert shapes.count((3, 0)) == 14 and shapes.count((3, 4)) == 2
+    assert ad.tree_shape("r", 3, 4, probe=True) == (3, 4)
+    for _ in range(200):
+        ad.tree_verified(0, 4, 4, True)  # now siblings gain a token each
+    assert ad.tree_shape("r", 3, 4) == (3, 4)
+    for _ in range(400):
+        ad.tree_verified(4, 4, 0, False)  # nothing gains
+    assert ad.tree_shape("r", 3, 0) == (0, 0)
+    nodes, probe = ad.tree_nodes("r", 4)
+    assert nodes == 0 and not probe
+    fixed = DraftAdaptation(k_max=5, fixed=True)
+    assert fixed.tree_shape("r", 3, 4) == (3, 4) and fixed.tree_nodes("r", 4) == (4, False)

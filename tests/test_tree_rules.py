@@ -59,6 +59,41 @@ def test_an_alternative_past_the_draft_lengthens_the_main_chain_and_labels_follo
     assert tree.walk([1, 7, 0, 0, 0, 0, 0, 0])[1] == [1, 5]
 
 
+def _paths(tree: DraftTree) -> set[tuple[int, ...]]:
+    return {tuple(tree.tokens[a - 1] for a in tree.ancestors(i)) for i in range(1, tree.size + 1)}
+
+
+def test_trimming_keeps_a_main_chain_prefix_and_whole_branch_prefixes():
+    tree = build_tree([1, 2], [[1, 2, 3, 4], [5, 6], [1, 7]], max_nodes=7, max_branches=3,
+                      labels=["lookup", "corpus", "exit"])
+    assert tree.trim(4, 3) is tree
+    cut = tree.trim(3, 0)  # the main chain to one node past the draft, no sibling
+    assert (cut.tokens, cut.parents, cut.main_len, cut.off_chain) == ((1, 2, 3), (0, 1, 2), 3, 0)
+    assert cut.labels == ("draft", "draft", "lookup")
+    cut = tree.trim(2, 2)  # the sibling 7 of node 2 and the branch 5 from the root
+    assert (cut.tokens, cut.parents, cut.main_len) == ((1, 2, 7, 5), (0, 1, 1, 0), 2)
+    cut = tree.trim(1, 3)  # node 1 keeps only its first child: the branch 7 leaves with node 2
+    assert (cut.tokens, cut.parents, cut.main_len) == ((1, 5, 6), (0, 0, 2), 1)
+    rng = random.Random(3)
+    for _ in range(500):
+        tree = _random_tree(rng)[0]
+        if tree is None:
+            continue
+        chain, off = rng.randrange(1, tree.main_len + 1), rng.randrange(0, tree.off_chain + 1)
+        cut = tree.trim(chain, off)
+        assert cut.main_len == chain and cut.off_chain <= off
+        assert cut.tokens[:chain] == tree.tokens[:chain]
+        assert list(cut.parents[:chain]) == list(range(chain)) and chain not in cut.parents
+        assert all(p < i for i, p in enumerate(cut.parents, start=1))
+        assert _paths(cut) <= _paths(tree)
+        # depth first: each node's subtree follows it without a gap
+        for i in range(1, cut.size + 1):
+            below = [j for j in range(1, cut.size + 1) if i in cut.ancestors(j)]
+            assert below == list(range(i, i + len(below)))
+        if off >= tree.off_chain and chain == tree.main_len:
+            assert cut == tree
+
+
 def test_pruning_in_the_forward_drops_only_whole_subtrees_after_the_last_node_that_stays():
     """Rows dropped from the verification forward form the end of the
     request's rows (each attention call reads a request's rows as a contiguous

@@ -25,16 +25,17 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     """Four long answers, twice (the second round reads the first's blocks from
     the prefix cache), blocks of 32 tokens that accepted paths cross: linear
     drafts, trees, and trees pruned after the first exit layer all give
-    vanilla's tokens. Some accepted paths left the main draft (their KV was
-    moved into place, and every later token still matches), and pruning
-    dropped nodes."""
+    vanilla's tokens, as do pruned trees sized while serving. Some accepted
+    paths left the main draft (their KV was moved into place, and every later
+    token still matches), and pruning dropped nodes."""
     job = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
                enable_prefix_caching=True)
     van = _run(engine, smollm2, **job)
     lin = _run(engine, smollm2, speculative_config=LOOKUP, **job)
     tree = _run(engine, smollm2, speculative_config=TREE, **job)
     pruned = _run(engine, smollm2, speculative_config=PRUNED, **job)
-    for run in (lin, tree, pruned):
+    sized = _run(engine, smollm2, speculative_config={**PRUNED, "adaptive": True}, **job)
+    for run in (lin, tree, pruned, sized):
         assert run["token_ids"] == van["token_ids"]
         assert run["second_round"]["token_ids"] == van["second_round"]["token_ids"]
         assert run["second_round"]["prefix_cache_hit_tokens"] > 0
@@ -48,6 +49,9 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     p = pruned["drafter"]["tree"]
     assert p["pruned"] > 0 and t["pruned"] == 0
     assert p["pruned_lost"] <= p["steps"]
+    # Sized by the measured gains and row costs (trees cut to what pays, the
+    # rest probes): still vanilla's tokens.
+    assert sized["drafter"]["tree"]["steps"] > 0
 
 
 def test_tree_corpus_runner_up_wins_where_the_main_draft_is_wrong(engine, smollm2, tmp_path):

@@ -180,7 +180,8 @@ class AdaDecodeProposer(RunnerDrafter):
             for d in requests:
                 self._grow_tree(batch, d)
         self.backoff.drafted(n_active, sum(d.tree.size if d.tree else len(d.drafted)
-                                           for d in requests), bool(drafting))
+                                           for d in requests), bool(drafting),
+                             sum(d.tree.off_chain for d in requests if d.tree))
         if self._step_log is not None:
             self._log_step(n_active, batch.num_reqs, sampled_token_ids, requests, joined)
         for d in requests:
@@ -200,7 +201,8 @@ class AdaDecodeProposer(RunnerDrafter):
             return
         room = draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
                             d.position - len(d.drafted), self.max_model_len) - len(d.drafted)
-        branch_nodes = self.adapt.tree_nodes(d.req_id, min(self.config.tree_nodes, room))
+        branch_nodes, probe = self.adapt.tree_nodes(d.req_id,
+                                                    min(self.config.tree_nodes, room))
         if branch_nodes <= 0:
             return
         nodes = len(d.drafted) + branch_nodes
@@ -213,10 +215,19 @@ class AdaDecodeProposer(RunnerDrafter):
         alternatives = found[:1] + exits + corpus + found[1:]
         labels = (["lookup"] * len(found[:1]) + ["exit"] * len(exits) + ["corpus"] * len(corpus)
                   + ["lookup"] * len(found[1:]))
-        d.tree = build_tree(d.drafted, alternatives, max_nodes=nodes,
-                            max_branches=self.config.tree_branches, labels=labels)
-        if d.tree is not None:
-            self.adapt.tree_commit(d.tree.size - len(d.drafted))
+        tree = build_tree(d.drafted, alternatives, max_nodes=nodes,
+                          max_branches=self.config.tree_branches, labels=labels)
+        if tree is not None:
+            # Verify only the part that pays: off-chain rows cost more than
+            # the main chain's (StepCost).
+            drafted = len(d.drafted)
+            chain, off = self.adapt.tree_shape(d.req_id, tree.main_len - drafted,
+                                               tree.off_chain, probe)
+            if (chain, off) != (tree.main_len - drafted, tree.off_chain):
+                self.counters.tree_cut += 1
+            if chain or off:
+                d.tree = tree.trim(drafted + chain, off)
+                self.adapt.tree_commit(d.tree.main_len - drafted, d.tree.off_chain)
         self.counters.lookup_seconds += time.perf_counter() - t0
 
     def _corpus_branches(self, tokens, drafted: list[int], nodes: int) -> list[list[int]]:
@@ -236,7 +247,7 @@ class AdaDecodeProposer(RunnerDrafter):
                 out.append(drafted[:j] + [r] + self.corpus.propose(ctx + [r], each - 1))
             if len(out) >= limit:
                 break
-            ctx = ctx[1:] + [tok]
+            ctx = (ctx + [tok])[-self.corpus.max_n:]
         return out
 
     def _requests(self, batch: RunnerBatch, sampled_token_ids) -> list[RequestDraft]:
@@ -357,12 +368,13 @@ class AdaDecodeProposer(RunnerDrafter):
             if tree is not None:
                 # Verified as a tree: the drafted tokens held for their agreeing
                 # prefix only; the rest of the accepted path is the tree's gain.
-                path, on_chain, nodes, _, pruned, lost, diverged, gained_by = tree
+                path, on_chain, nodes, main_len, pruned, lost, diverged, gained_by = tree
                 drafted = len(p.origins)
                 on_draft = min(on_chain, drafted)
                 self.counters.tree_verified(path, on_draft, nodes, drafted, pruned, lost,
                                             diverged, gained_by)
-                self.adapt.tree_verified(nodes - drafted, path - on_draft)
+                self.adapt.tree_verified(main_len - drafted, nodes - main_len,
+                                         path - on_draft, bool(diverged))
                 self.counters.tree_sampled += p.sampling == "sampled"
                 accepted = on_draft
             self.counters.verified(p, accepted)

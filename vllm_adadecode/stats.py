@@ -53,6 +53,10 @@ class DrafterStats:
     tree_branch_tokens: int = 0
     tree_diverged: int = 0
     tree_sampled: int = 0  # tree steps of sampled requests
+    # Sizing: trees cut to the shape that pays (adapt.py ``tree_shape``), and
+    # tree steps with no node off the main chain (a lengthened linear draft).
+    tree_cut: int = 0
+    tree_chain_only: int = 0
     # tokens gained past the main draft, by the source of the first node beyond it
     tree_gain_by_source: Counter = field(default_factory=Counter)
     # Early pruning: branch nodes dropped after the first exit layer, and steps
@@ -86,6 +90,7 @@ class DrafterStats:
         self.tree_pruned_lost += lost
         self.tree_nodes += nodes
         self.tree_branch_nodes += nodes - main_len
+        self.tree_chain_only += nodes == main_len
         if accepted > on_chain:
             self.tree_branch_wins += 1
             self.tree_branch_tokens += accepted - on_chain
@@ -125,6 +130,7 @@ class DrafterStats:
                      "branch_wins": self.tree_branch_wins,
                      "branch_tokens": self.tree_branch_tokens,
                      "diverged": self.tree_diverged, "sampled": self.tree_sampled,
+                     "cut": self.tree_cut, "chain_only": self.tree_chain_only,
                      **{f"gain_{k}": self.tree_gain_by_source[k]
                         for k in ("lookup", "exit", "corpus")},
                      "pruned": self.tree_pruned, "pruned_lost": self.tree_pruned_lost},

@@ -553,7 +553,16 @@ def format_table(doc: dict) -> str:
                              f"{tr.get('gain_lookup', 0)}, exit {tr.get('gain_exit', 0)}, "
                              f"corpus {tr.get('gain_corpus', 0)}); pruned "
                              f"{tr.get('pruned', 0)} nodes, "
-                             f"{tr.get('pruned_lost', 0)} steps lost an acceptable node")
+                             f"{tr.get('pruned_lost', 0)} steps lost an acceptable node; "
+                             f"{tr.get('cut', 0)} trees cut to the shape that pays, "
+                             f"{tr.get('chain_only', 0)} steps a main chain only")
+                last = (r.get("step_cost") or [None])[-1] or {}
+                fits = [f"{bkt}: {f['step_ms']:.1f} + {f['row_ms']:.2f}/row + "
+                        f"{f.get('off_row_ms', 0.0):.2f}/off-chain row"
+                        for bkt, f in sorted(last.items())]
+                if fits:
+                    lines.append(f"  {r['method']} step cost fit (last repeat, ms, by batch "
+                                 f"size): {'; '.join(fits)}")
             st = r.get("step_ms")
             if st:
                 lines.append(f"  {r['method']} ms per step: drafting {st['drafting']:.2f}, "

@@ -54,49 +54,53 @@ VERIFY_COST = [1.0] + [_interpolate(n) for n in range(1, 65)]
 
 class StepCost:
     """What a step costs with ``extra`` drafted rows beside its ``batch``
-    requests, fitted while serving.
+    requests, ``off`` of them token-tree rows off their tree's main chain,
+    fitted while serving.
 
     Per batch-size bucket (as the back-off's: 1, 2-3, 4-7, ...), the recent
-    measured steps' seconds are fitted as ``a + b * batch + c * extra`` by
-    least squares; ``c`` is everything a drafted row adds: its rows in the
-    forward (where several query tokens of one request take another attention
-    path than decoding), the LM head and verification over it. Until a bucket
-    has enough steps of both kinds, and for relative costs without timings,
-    the batch-1 ratios ``VERIFY_COST`` stand in (one request, its rows).
-    Coefficients change only in ``refit``, so tensor-parallel ranks can share
-    rank 0's."""
+    measured steps' seconds are fitted as ``a + b * batch + c * extra + e *
+    off`` by least squares. ``c`` is everything a drafted row adds: its rows
+    in the forward (where several query tokens of one request take another
+    attention path than decoding), the LM head and verification over it.
+    ``e`` is what an off-chain tree row adds on top: its attention runs apart
+    from vLLM's kernel, in every layer (engine/tree.py); it is fitted only
+    where such rows vary, else 0. Until a bucket has enough steps of both
+    kinds, and for relative costs without timings, the batch-1 ratios
+    ``VERIFY_COST`` stand in (one request, its rows). Coefficients change
+    only in ``refit``, so tensor-parallel ranks can share rank 0's."""
 
     def __init__(self, window: int = 256, min_steps: int = 16, min_spread: int = 2):
         self.window = window
         self.min_steps = min_steps
         self.min_spread = min_spread  # drafted rows must vary by this much for a fit
         self.samples: dict[int, deque] = {}
-        self.fits: dict[int, tuple[float, float, float]] = {}
+        self.fits: dict[int, tuple[float, float, float, float]] = {}
 
     bucket = staticmethod(bucket)
 
-    def step(self, batch: int, extra: int) -> float:
+    def step(self, batch: int, extra: int, off: int = 0) -> float:
         fit = self.fits.get(self.bucket(batch))
         if fit is None:  # one request's relative cost at batch 1
             return VERIFY_COST[min(1 + extra, len(VERIFY_COST) - 1)]
-        a, b, c = fit
-        return a + b * batch + c * extra
+        a, b, c, e = fit
+        return a + b * batch + c * extra + e * off
 
     def fitted(self, batch: int) -> bool:
         return self.bucket(batch) in self.fits
 
-    def observe(self, seconds: float, batch: int, extra: int) -> None:
+    def observe(self, seconds: float, batch: int, extra: int, off: int = 0) -> None:
         """A measured step (no prefill in it)."""
-        if seconds <= 0 or batch < 1 or extra < 0:
+        if seconds <= 0 or batch < 1 or extra < 0 or not 0 <= off <= extra:
             return
         self.samples.setdefault(self.bucket(batch), deque(maxlen=self.window)).append(
-            (seconds, batch, extra))
+            (seconds, batch, extra, off))
 
-    def refit(self) -> dict[int, tuple[float, float, float]]:
+    def refit(self) -> dict[int, tuple[float, float, float, float]]:
         """Least-squares coefficients per bucket with enough steps whose
         drafted rows vary (a fit whose row cost comes out negative is not
-        used). Steps over three times the bucket's median are left out: a
-        step that also did other work (a preemption, a late prefill chunk)."""
+        used; an off-chain cost that comes out negative is refitted as 0).
+        Steps over three times the bucket's median are left out: a step that
+        also did other work (a preemption, a late prefill chunk)."""
         import numpy as np
 
         fits = {}
@@ -107,28 +111,35 @@ class StepCost:
             arr = arr[arr[:, 0] <= 3.0 * np.median(arr[:, 0])]
             if len(arr) < self.min_steps or np.ptp(arr[:, 2]) < self.min_spread:
                 continue
-            x = np.column_stack([np.ones(len(arr)), arr[:, 1], arr[:, 2]])
+            x = np.column_stack([np.ones(len(arr)), arr[:, 1], arr[:, 2], arr[:, 3]])
             if np.ptp(arr[:, 1]) == 0:  # one batch size: fold b into a
                 x[:, 1] = 0.0
+            if np.ptp(arr[:, 3]) == 0:  # off-chain rows never varied: not fitted
+                x[:, 3] = 0.0
             coef = np.linalg.lstsq(x, arr[:, 0], rcond=None)[0]
-            a, b, c = (float(v) for v in coef)
+            if coef[3] < 0:
+                x[:, 3] = 0.0
+                coef = np.linalg.lstsq(x, arr[:, 0], rcond=None)[0]
+            a, b, c, e = (float(v) for v in coef)
             if c > 0 and a + b * arr[:, 1].mean() > 0:
-                fits[bkt] = (a, b, c)
+                fits[bkt] = (a, b, c, e)
         return fits
 
     def summary(self) -> dict[str, dict]:
         """Per fitted bucket (named by its batch sizes): a step's milliseconds
-        without drafts at the bucket's mean batch, and per drafted row."""
+        without drafts at the bucket's mean batch, per drafted row, and what an
+        off-chain tree row adds on top."""
         out = {}
-        for bkt, (a, b, c) in sorted(self.fits.items()):
-            samples = self.samples.get(bkt) or [(0.0, 1 << (bkt - 1), 0)]
+        for bkt, (a, b, c, e) in sorted(self.fits.items()):
+            samples = self.samples.get(bkt) or [(0.0, 1 << (bkt - 1), 0, 0)]
             batch = sum(x[1] for x in samples) / len(samples)
             out[bucket_name(bkt)] = {
                 "batch": round(batch, 2), "step_ms": round(1e3 * (a + b * batch), 3),
-                "row_ms": round(1e3 * c, 3), "steps": len(samples)}
+                "row_ms": round(1e3 * c, 3), "off_row_ms": round(1e3 * e, 3),
+                "steps": len(samples)}
         return out
 
-    def set_fits(self, fits: dict[int, tuple[float, float, float]]) -> None:
+    def set_fits(self, fits: dict[int, tuple[float, float, float, float]]) -> None:
         self.fits = dict(fits)
 
 
@@ -146,22 +157,23 @@ def lookup_gain(p: float, k: int) -> float:
 
 def best_lookup_length(p: float, k_max: int, margin: float = 0.02, *,
                        cost: StepCost | None = None, batch: int = 1, extra: int = 0,
-                       tokens: float | None = None) -> int:
+                       tokens: float | None = None, off: int = 0) -> int:
     """The number of lookup drafts (0..k_max) that most raises the step's
     tokens per unit of cost, when each is accepted with probability p given the
     previous ones. The step so far: ``batch`` requests and ``extra`` drafted
-    rows, expected to yield ``tokens`` tokens (default: one per request). A
+    rows (``off`` of them off a token tree's main chain), expected to yield
+    ``tokens`` tokens (default: one per request). A
     length must raise the step's throughput by ``margin`` of one token's share
     (``margin / tokens``), so at batch 1 it beats a plain step by ``margin``."""
     cost = cost or _FALLBACK_COST
     tokens = float(batch) if tokens is None else tokens
-    base = tokens / cost.step(batch, extra)
+    base = tokens / cost.step(batch, extra, off)
     best_k, best = 0, base * (1.0 + margin / max(tokens, 1.0))
     gain, term = 0.0, 1.0
     for k in range(1, k_max + 1):
         term *= p
         gain += term
-        ratio = (tokens + gain) / cost.step(batch, extra + k)
+        ratio = (tokens + gain) / cost.step(batch, extra + k, off)
         if ratio > best:
             best_k, best = k, ratio
     return best_k
@@ -218,20 +230,24 @@ class DraftAdaptation:
         self.prior = prior
         self.requests: dict[str, RequestDrafting] = {}
         self.cost = StepCost()
-        # Token trees, engine-wide: tokens the branches gained, per branch node
-        # verified (decaying sums), and per request the steps since a tree was
-        # last allowed.
-        self.branch_gained = 0.0
-        self.branch_nodes = 0.0
-        self.tree_prior = 0.1
+        # Token trees, engine-wide: tokens gained per node verified (decaying
+        # sums), apart for nodes that lengthen the main chain past the draft
+        # and nodes off it (siblings: dearer rows); and per request the steps
+        # since a tree was last allowed.
+        self.chain = Acceptance(decay=0.99)  # accepted: tokens gained; trials: nodes
+        self.off = Acceptance(decay=0.99)
+        self.chain_prior, self.off_prior = 0.3, 0.1
         self._tree_skipped: dict[str, int] = {}
-        # The step being decided: its requests, drafted rows so far and the
-        # tokens they are expected to yield (one per request, plus accepted drafts).
-        self._batch, self._extra, self._tokens = 1, 0, 1.0
+        self._off_skipped: dict[str, int] = {}  # trees built whose off-chain nodes were cut
+        # The step being decided: its requests, drafted rows so far (off-chain
+        # tree rows among them) and the tokens they are expected to yield (one
+        # per request, plus accepted drafts).
+        self._batch, self._extra, self._off, self._tokens = 1, 0, 0, 1.0
 
     def begin_step(self, batch_size: int) -> None:
         """A new step with ``batch_size`` requests, none drafted yet."""
-        self._batch, self._extra, self._tokens = max(1, batch_size), 0, float(max(1, batch_size))
+        self._batch, self._extra, self._off = max(1, batch_size), 0, 0
+        self._tokens = float(self._batch)
 
     def state(self, req_id: str) -> RequestDrafting:
         st = self.requests.get(req_id)
@@ -242,52 +258,102 @@ class DraftAdaptation:
     def forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
         self._tree_skipped.pop(req_id, None)
+        self._off_skipped.pop(req_id, None)
 
     # ---- token trees -----------------------------------------------------------
-    def branch_gain(self) -> float:
-        """Estimated tokens a branch node adds to a step (engine-wide)."""
-        return (self.branch_gained + 4.0 * self.tree_prior) / (self.branch_nodes + 4.0)
+    def tree_gains(self) -> tuple[float, float]:
+        """Estimated tokens a node adds to a step: one that lengthens the main
+        chain, one off it (engine-wide)."""
+        return (self.chain.estimate(self.chain_prior, 4.0),
+                self.off.estimate(self.off_prior, 4.0))
 
-    def tree_nodes(self, req_id: str, max_nodes: int) -> int:
-        """Branch nodes a request's tree may add this step: the number that most
-        raises the step's tokens per unit of cost at this batch size, given
-        what a branch node has gained so far and what a row costs (none where
-        rows are dear; a probe every ``probe_every`` steps keeps the estimate
-        measured)."""
+    def _tree_cost(self) -> StepCost | None:
+        """The cost model trees are sized by at this batch size: the fit, the
+        batch-1 ratios for one request alone, or None (no fit of this larger
+        batch size: trees only on probes)."""
+        if self.cost.fitted(self._batch):
+            return self.cost
+        return _FALLBACK_COST if self._batch == 1 else None
+
+    def _tree_ratio(self, cost: StepCost, chain: int, off: int) -> float:
+        gc, go = self.tree_gains()
+        return ((self._tokens + gc * chain + go * off)
+                / cost.step(self._batch, self._extra + chain + off, self._off + off))
+
+    def tree_nodes(self, req_id: str, max_nodes: int) -> tuple[int, bool]:
+        """Nodes a request's tree may add this step, and whether this is a
+        probe: as many as pay at the better of the two kinds of node (at a
+        main-chain row's cost), so no tree is built where none could pay;
+        ``max_nodes`` every ``probe_every`` steps where none does, so the
+        estimates keep being measured. ``tree_shape`` then sizes the tree
+        that was built."""
         if self.fixed or max_nodes <= 0:
-            return max(0, max_nodes)
-        a = self.branch_gain()
+            return max(0, max_nodes), False
+        cost = self._tree_cost()
         best_n = 0
-        if self.cost.fitted(self._batch) or self._batch == 1:
-            # Without a fit of this batch size's steps, only one request's
-            # batch-1 ratios stand in; a larger batch grows trees only on probes.
-            cost = self.cost if self.cost.fitted(self._batch) else _FALLBACK_COST
-            tokens, extra, batch = self._tokens, self._extra, self._batch
-            best = tokens / cost.step(batch, extra) * (1.0 + 0.02 / max(tokens, 1.0))
+        if cost is not None:
+            gc, go = self.tree_gains()
+            a, base = max(gc, go), self._tree_ratio(cost, 0, 0)
+            best = base * (1.0 + 0.02 / max(self._tokens, 1.0))
             for n in range(1, max_nodes + 1):
-                ratio = (tokens + a * n) / cost.step(batch, extra + n)
+                ratio = ((self._tokens + a * n)
+                         / cost.step(self._batch, self._extra + n, self._off))
                 if ratio > best:
                     best_n, best = n, ratio
         if best_n:
             self._tree_skipped[req_id] = 0
-            return best_n
+            return best_n, False
         skipped = self._tree_skipped.get(req_id, 0) + 1
-        self._tree_skipped[req_id] = 0 if skipped >= self.probe_every else skipped
-        return max_nodes if skipped >= self.probe_every else 0
+        probe = skipped >= self.probe_every
+        self._tree_skipped[req_id] = 0 if probe else skipped
+        return (max_nodes, True) if probe else (0, False)
 
-    def tree_commit(self, nodes: int) -> None:
-        """A tree adds ``nodes`` branch rows to this step."""
-        if nodes > 0:
-            self._extra += nodes
-            self._tokens += self.branch_gain() * nodes
+    def tree_shape(self, req_id: str, chain: int, off: int,
+                   probe: bool = False) -> tuple[int, int]:
+        """How much of a built tree to verify: ``chain`` nodes lengthen its
+        main chain past the draft and ``off`` lie off it. The shape with the
+        most tokens per unit of cost among the main chain cut after each of
+        its nodes (no off-chain node) and the whole tree; (0, 0) when none
+        beats the bare draft. A probe, fixed drafting, or the ``probe_every``-th
+        tree in a row whose off-chain nodes would be dropped keeps it whole
+        (so their gain keeps being measured)."""
+        if self.fixed or probe:
+            return chain, off
+        cost = self._tree_cost() or _FALLBACK_COST
+        best_shape = (0, 0)
+        best = self._tree_ratio(cost, 0, 0) * (1.0 + 0.02 / max(self._tokens, 1.0))
+        shapes = [(c, 0) for c in range(1, chain + 1)] + ([(chain, off)] if off else [])
+        for c, o in shapes:
+            ratio = self._tree_ratio(cost, c, o)
+            if ratio > best:
+                best_shape, best = (c, o), ratio
+        if off and not best_shape[1]:
+            skipped = self._off_skipped.get(req_id, 0) + 1
+            self._off_skipped[req_id] = skipped % self.probe_every
+            if skipped >= self.probe_every:
+                return chain, off
+        elif off:
+            self._off_skipped[req_id] = 0
+        return best_shape
 
-    def tree_verified(self, branch_nodes: int, gained: int, decay: float = 0.99) -> None:
-        """A tree's ``branch_nodes`` were verified and its accepted path gained
-        ``gained`` tokens over the main draft's agreeing prefix."""
-        if branch_nodes > 0:
-            f = decay ** branch_nodes
-            self.branch_gained = self.branch_gained * f + gained
-            self.branch_nodes = self.branch_nodes * f + branch_nodes
+    def tree_commit(self, chain: int, off: int) -> None:
+        """A tree adds ``chain`` main-chain and ``off`` off-chain rows to this step."""
+        gc, go = self.tree_gains()
+        self._extra += chain + off
+        self._off += off
+        self._tokens += gc * chain + go * off
+
+    def tree_verified(self, chain: int, off: int, gained: int, diverged: bool) -> None:
+        """A tree with ``chain`` nodes past the draft on its main chain and
+        ``off`` off it was verified; its accepted path gained ``gained`` tokens
+        over the draft's agreeing prefix, through a sibling (``diverged``) or
+        along the main chain."""
+        for acc, nodes, got in ((self.chain, chain, 0 if diverged else gained),
+                                (self.off, off, gained if diverged else 0)):
+            if nodes > 0:
+                f = acc.decay ** nodes
+                acc.accepted = acc.accepted * f + got
+                acc.trials = acc.trials * f + nodes
 
     def lookup_p(self, req_id: str, kind: str = "lookup") -> float:
         """Estimated acceptance of the next lookup token of this kind of match
@@ -308,7 +374,7 @@ class DraftAdaptation:
         p = self.lookup_p(req_id, kind)
         if self.cost.fitted(self._batch):
             k = best_lookup_length(p, self.k_max, cost=self.cost, batch=self._batch,
-                                   extra=self._extra, tokens=self._tokens)
+                                   extra=self._extra, tokens=self._tokens, off=self._off)
         else:
             # No fit yet for this batch size: each request as if alone (batch
             # 1), but at most one token beside other requests until the fit

@@ -55,7 +55,7 @@ class BackOff:
         # The last step's start (the drafter's call), its requests and the
         # draft rows it scheduled beside them (for the step-cost fit).
         self._step_start: float | None = None
-        self._step_shape: tuple[int, int] | None = None
+        self._step_shape: tuple[int, int, int] | None = None
 
     def gate(self, num_reqs: int, sampled_token_ids: list[list[int]], joined: bool) -> Gate:
         """This step's decision. ``num_reqs`` counts every request in the batch,
@@ -76,7 +76,7 @@ class BackOff:
         # prefill would count as one slow step.
         measured = not joined and n_active == num_reqs
         self._observe_step(now, measured)
-        self._step_shape = (n_active, 0)  # until drafts are proposed
+        self._step_shape = (n_active, 0, 0)  # until drafts are proposed
         if capped:
             # Too many requests to draft for: a plain step, outside the back-off's pairs.
             self._idle(self.governor, self.self_governor)
@@ -89,13 +89,15 @@ class BackOff:
             go_self = tp_agree(self.self_governor.decide(now, emitted, n_active, measured))
         return Gate(True, go_self)
 
-    def drafted(self, n_active: int, draft_rows: int, self_drafted: bool) -> None:
-        """Label the step by what it did: drafts proposed, self-drafts attempted."""
+    def drafted(self, n_active: int, draft_rows: int, self_drafted: bool,
+                off_rows: int = 0) -> None:
+        """Label the step by what it did: drafts proposed (``off_rows`` of the
+        rows off a token tree's main chain), self-drafts attempted."""
         if self.governor is not None:
             self.governor.drafted(draft_rows > 0 or self_drafted)
             if self.self_governor is not None:
                 self.self_governor.drafted(self_drafted)
-        self._step_shape = (n_active, draft_rows)
+        self._step_shape = (n_active, draft_rows, off_rows)
 
     @staticmethod
     def _idle(*governors) -> None:
@@ -115,11 +117,11 @@ class BackOff:
         if self._call % COST_SYNC_EVERY == 0:
             fits = self.cost.refit()
             buckets = range(1, 12)
-            flat = [v for bkt in buckets for v in fits.get(bkt, (0.0, 0.0, 0.0))]
+            flat = [v for bkt in buckets for v in fits.get(bkt, (0.0, 0.0, 0.0, 0.0))]
             flat = tp_broadcast(flat)
             self.cost.set_fits({
-                bkt: tuple(flat[3 * i:3 * i + 3]) for i, bkt in enumerate(buckets)
-                if flat[3 * i + 2] > 0})
+                bkt: tuple(flat[4 * i:4 * i + 4]) for i, bkt in enumerate(buckets)
+                if flat[4 * i + 2] > 0})
 
     def summary(self) -> dict:
         return {"backoff": self.governor.summary() if self.governor else None,

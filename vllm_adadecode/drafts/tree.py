@@ -39,6 +39,29 @@ class DraftTree:
     def off_chain(self) -> int:
         return len(self.tokens) - self.main_len
 
+    def trim(self, chain: int, off: int) -> "DraftTree":
+        """The tree cut to its first ``chain`` main-chain nodes and, depth
+        first, at most ``off`` off-chain nodes whose branch leaves the main
+        chain before its cut (so each kept node's parent is kept, and the main
+        chain stays each node's first child)."""
+        chain = max(0, min(chain, self.main_len))
+        keep = list(range(1, chain + 1))
+        kept = {0, *keep}
+        for i in range(self.main_len + 1, self.size + 1):
+            if len(keep) - chain >= off:
+                break
+            p = self.parents[i - 1]
+            if p in kept and (p > self.main_len or p < chain):
+                keep.append(i)
+                kept.add(i)
+        if len(keep) == self.size:
+            return self
+        flat = {node: j for j, node in enumerate(keep, start=1)}
+        flat[0] = 0
+        return DraftTree(tuple(self.tokens[n - 1] for n in keep),
+                         tuple(flat[self.parents[n - 1]] for n in keep), chain,
+                         tuple(self.labels[n - 1] for n in keep) if self.labels else ())
+
     def depths(self) -> list[int]:
         """Depth of nodes 1..N (a child of the root has depth 1)."""
         d = [0]

@@ -156,8 +156,8 @@ class TreeStep:
                 keep = torch.tensor([i not in e.pruned for i in
                                      range(e.tree.main_len + 1, e.tree.size + 1)])
                 q, mask = q[keep], mask[keep]
-                if not q.numel():
-                    continue
+            if not q.numel():  # a main chain only: vLLM's kernel did it all
+                continue
             if call_rows is not None:
                 q = torch.searchsorted(call_rows, q)
             plan.append((q, e.blocks, e.offsets, mask))
