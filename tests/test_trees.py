@@ -43,6 +43,7 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     assert t["steps"] > 50 and t["branch_nodes"] > 0
     assert t["branch_wins"] > 0 and t["branch_tokens"] >= t["branch_wins"]
     assert t["diverged"] > 0  # some paths went through a sibling branch
+    assert 0 < t["off_nodes"] <= t["branch_nodes"]  # off the main chain, of those past the draft
     assert t["gain_lookup"] == t["branch_tokens"]  # the only branch source here
     assert lin["drafter"]["tree"]["steps"] == 0
     assert tree["tokens_per_step"] >= lin["tokens_per_step"]

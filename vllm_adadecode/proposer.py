@@ -212,11 +212,12 @@ class AdaDecodeProposer(RunnerDrafter):
         exits = [d.drafted[:j] + [t] for j, alts in sorted(d.exit_alternatives.items())
                  for t in alts]
         corpus = self._corpus_branches(tokens, d.drafted, nodes)
-        alternatives = found[:1] + exits + corpus + found[1:]
-        labels = (["lookup"] * len(found[:1]) + ["exit"] * len(exits) + ["corpus"] * len(corpus)
-                  + ["lookup"] * len(found[1:]))
-        tree = build_tree(d.drafted, alternatives, max_nodes=nodes,
-                          max_branches=self.config.tree_branches, labels=labels)
+        labelled = [(source, alt) for source, alts in (
+            ("lookup", found[:1]), ("exit", exits), ("corpus", corpus), ("lookup", found[1:]))
+            for alt in alts]
+        tree = build_tree(d.drafted, [alt for _, alt in labelled], max_nodes=nodes,
+                          max_branches=self.config.tree_branches,
+                          labels=[source for source, _ in labelled])
         if tree is not None:
             # Verify only the part that pays: off-chain rows cost more than
             # the main chain's (StepCost).
@@ -372,7 +373,7 @@ class AdaDecodeProposer(RunnerDrafter):
                 drafted = len(p.origins)
                 on_draft = min(on_chain, drafted)
                 self.counters.tree_verified(path, on_draft, nodes, drafted, pruned, lost,
-                                            diverged, gained_by)
+                                            diverged, gained_by, main_len=main_len)
                 self.adapt.tree_verified(main_len - drafted, nodes - main_len,
                                          path - on_draft, bool(diverged))
                 self.counters.tree_sampled += p.sampling == "sampled"

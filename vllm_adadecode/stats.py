@@ -42,9 +42,9 @@ class DrafterStats:
     drafted_by_sampling: Counter = field(default_factory=Counter)
     accepted_by_sampling: Counter = field(default_factory=Counter)
     requests: dict = field(default_factory=dict)  # req id -> [steps, accepted drafts]
-    # Token trees: request-steps verified as a tree, their nodes, the nodes off the
-    # main chain; steps whose accepted path went past the main chain's agreeing
-    # prefix, and the tokens that gained; of those steps, the ones that left the
+    # Token trees: request-steps verified as a tree, their nodes, the nodes the
+    # tree added beyond the request's own draft; steps whose accepted path went
+    # past the draft's agreeing prefix, and the tokens that gained; of those steps, the ones that left the
     # main chain for a sibling branch (the others continued past its end).
     tree_steps: int = 0
     tree_nodes: int = 0
@@ -57,6 +57,7 @@ class DrafterStats:
     # tree steps with no node off the main chain (a lengthened linear draft).
     tree_cut: int = 0
     tree_chain_only: int = 0
+    tree_off_nodes: int = 0  # nodes verified off their tree's main chain
     # tokens gained past the main draft, by the source of the first node beyond it
     tree_gain_by_source: Counter = field(default_factory=Counter)
     # Early pruning: branch nodes dropped after the first exit layer, and steps
@@ -81,16 +82,21 @@ class DrafterStats:
                 by = self.accepted_by_exit if i < accepted else self.rejected_by_exit
                 by[origin.exit_layer] += 1
 
-    def tree_verified(self, accepted: int, on_chain: int, nodes: int, main_len: int,
+    def tree_verified(self, accepted: int, on_chain: int, nodes: int, drafted: int,
                       pruned: int = 0, lost: int = 0, diverged: int = 0,
-                      gained_by: str = "") -> None:
+                      gained_by: str = "", main_len: int | None = None) -> None:
+        """A tree of ``nodes`` nodes, the request's ``drafted`` tokens first and
+        its main chain ``main_len`` long, kept ``accepted`` nodes, ``on_chain``
+        of them the request's own draft."""
         self.tree_steps += 1
         self.tree_diverged += diverged
         self.tree_pruned += pruned
         self.tree_pruned_lost += lost
         self.tree_nodes += nodes
-        self.tree_branch_nodes += nodes - main_len
-        self.tree_chain_only += nodes == main_len
+        self.tree_branch_nodes += nodes - drafted
+        if main_len is not None:
+            self.tree_off_nodes += nodes - main_len
+            self.tree_chain_only += nodes == main_len
         if accepted > on_chain:
             self.tree_branch_wins += 1
             self.tree_branch_tokens += accepted - on_chain
@@ -131,6 +137,7 @@ class DrafterStats:
                      "branch_tokens": self.tree_branch_tokens,
                      "diverged": self.tree_diverged, "sampled": self.tree_sampled,
                      "cut": self.tree_cut, "chain_only": self.tree_chain_only,
+                     "off_nodes": self.tree_off_nodes,
                      **{f"gain_{k}": self.tree_gain_by_source[k]
                         for k in ("lookup", "exit", "corpus")},
                      "pruned": self.tree_pruned, "pruned_lost": self.tree_pruned_lost},

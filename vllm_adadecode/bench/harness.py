@@ -555,7 +555,8 @@ def format_table(doc: dict) -> str:
                              f"{tr.get('pruned', 0)} nodes, "
                              f"{tr.get('pruned_lost', 0)} steps lost an acceptable node; "
                              f"{tr.get('cut', 0)} trees cut to the shape that pays, "
-                             f"{tr.get('chain_only', 0)} steps a main chain only")
+                             f"{tr.get('chain_only', 0)} steps a main chain only, "
+                             f"{tr.get('off_nodes', 0)} nodes off the main chain")
                 last = (r.get("step_cost") or [None])[-1] or {}
                 fits = [f"{bkt}: {f['step_ms']:.1f} + {f['row_ms']:.2f}/row + "
                         f"{f.get('off_row_ms', 0.0):.2f}/off-chain row"
