@@ -206,7 +206,7 @@ def test_tree_size_follows_the_branch_gain_and_the_row_cost():
     larger batch then grows trees only on probes)."""
     ad = DraftAdaptation(k_max=5)
     for _ in range(20):
-        ad.tree_verified(0, 4, 4, True)  # every sibling node gained a token
+        ad.tree_verified(4, 4)  # every sibling node gained a token
     ad.begin_step(1)
     assert ad.tree_nodes("a", 4) == (4, False)  # batch 1: the measured ratios say rows are cheap
     ad.cost = _fitted_cost(row_ms=0.3)
@@ -220,9 +220,10 @@ def test_tree_size_follows_the_branch_gain_and_the_row_cost():
     sizes = [ad.tree_nodes("c", 4) for _ in range(16)]
     assert sizes.count((4, True)) == 2 and sizes.count((0, False)) == 14  # probes only
     for _ in range(200):
-        ad.tree_verified(4, 4, 0, False)  # nodes stopped gaining
+        ad.tree_verified(4, 0)  # siblings stopped gaining
+        ad.lookup_verified("d", 5, 0)  # and the request's lookups never hold
     ad.begin_step(1)
-    assert ad.tree_nodes("d", 4) == (0, False)
+    assert ad.tree_nodes("d", 4, drafted=2) == (0, False)
 
 
 def _tree_cost(off_row_ms: float) -> StepCost:
@@ -259,24 +260,27 @@ def test_tree_shape_keeps_what_pays_of_each_kind_of_node():
     """A built tree is cut to the shape with the most tokens per unit of cost:
     the main chain alone where siblings gain little for their dearer rows, the
     whole tree where they gain, nothing where no node gains, and a probe keeps
-    the tree whole."""
+    the tree whole. Nodes that lengthen the main chain are judged by the
+    request's own lookup acceptance."""
     ad = DraftAdaptation(k_max=5)
     ad.cost = _tree_cost(off_row_ms=20.0)
     for _ in range(50):
-        ad.tree_verified(4, 0, 4, False)  # every node that lengthened the chain gained
-        ad.tree_verified(0, 4, 0, True)  # siblings gained nothing
+        ad.lookup_verified("r", 5, 5)  # this request's lookups hold
+        ad.tree_verified(4, 0)  # siblings gained nothing
     ad.begin_step(1)
-    shapes = [ad.tree_shape("r", 3, 4) for _ in range(16)]
+    shapes = [ad.tree_shape("r", 3, 4, drafted=2) for _ in range(16)]
     # the main chain alone, and every 8th tree whole, so the siblings stay measured
     assert shapes.count((3, 0)) == 14 and shapes.count((3, 4)) == 2
-    assert ad.tree_shape("r", 3, 4, probe=True) == (3, 4)
+    assert ad.tree_shape("r", 3, 4, probe=True, drafted=2) == (3, 4)
     for _ in range(200):
-        ad.tree_verified(0, 4, 4, True)  # now siblings gain a token each
-    assert ad.tree_shape("r", 3, 4) == (3, 4)
+        ad.tree_verified(4, 4)  # now siblings gain a token each
+    assert ad.tree_shape("r", 3, 4, drafted=2) == (3, 4)
     for _ in range(400):
-        ad.tree_verified(4, 4, 0, False)  # nothing gains
-    assert ad.tree_shape("r", 3, 0) == (0, 0)
-    nodes, probe = ad.tree_nodes("r", 4)
-    assert nodes == 0 and not probe
+        ad.tree_verified(4, 0)  # nothing gains: siblings, and another request's lookups
+        ad.lookup_verified("q", 5, 0)
+    assert ad.tree_shape("q", 3, 0, drafted=2) == (0, 0)
+    assert ad.tree_nodes("q", 4, drafted=2) == (0, False)
+    # Lengthening pays only as far as the request's drafts are likely to hold.
+    assert ad.chain_gain("r", 3, 2) > 1.5 and ad.chain_gain("q", 3, 2) < 0.05
     fixed = DraftAdaptation(k_max=5, fixed=True)
     assert fixed.tree_shape("r", 3, 4) == (3, 4) and fixed.tree_nodes("r", 4) == (4, False)

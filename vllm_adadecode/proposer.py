@@ -201,8 +201,9 @@ class AdaDecodeProposer(RunnerDrafter):
             return
         room = draft_budget(self.vllm_config.speculative_config.num_speculative_tokens,
                             d.position - len(d.drafted), self.max_model_len) - len(d.drafted)
-        branch_nodes, probe = self.adapt.tree_nodes(d.req_id,
-                                                    min(self.config.tree_nodes, room))
+        drafted = len(d.drafted)
+        branch_nodes, probe = self.adapt.tree_nodes(
+            d.req_id, min(self.config.tree_nodes, room), drafted, d.lookup_kind)
         if branch_nodes <= 0:
             return
         nodes = len(d.drafted) + branch_nodes
@@ -221,14 +222,14 @@ class AdaDecodeProposer(RunnerDrafter):
         if tree is not None:
             # Verify only the part that pays: off-chain rows cost more than
             # the main chain's (StepCost).
-            drafted = len(d.drafted)
             chain, off = self.adapt.tree_shape(d.req_id, tree.main_len - drafted,
-                                               tree.off_chain, probe)
+                                               tree.off_chain, probe, drafted, d.lookup_kind)
             if (chain, off) != (tree.main_len - drafted, tree.off_chain):
                 self.counters.tree_cut += 1
             if chain or off:
                 d.tree = tree.trim(drafted + chain, off)
-                self.adapt.tree_commit(d.tree.main_len - drafted, d.tree.off_chain)
+                self.adapt.tree_commit(d.req_id, d.tree.main_len - drafted,
+                                       d.tree.off_chain, drafted, d.lookup_kind)
         self.counters.lookup_seconds += time.perf_counter() - t0
 
     def _corpus_branches(self, tokens, drafted: list[int], nodes: int) -> list[list[int]]:
@@ -365,6 +366,7 @@ class AdaDecodeProposer(RunnerDrafter):
             req = batch.req_id(row)
             accepted = len(sampled) - 1
             p = pending.get(req, _NOTHING_PENDING)
+            lengthened = None
             tree = self.trees.settled.pop(req, None) if self.trees is not None else None
             if tree is not None:
                 # Verified as a tree: the drafted tokens held for their agreeing
@@ -374,14 +376,19 @@ class AdaDecodeProposer(RunnerDrafter):
                 on_draft = min(on_chain, drafted)
                 self.counters.tree_verified(path, on_draft, nodes, drafted, pruned, lost,
                                             diverged, gained_by, main_len=main_len)
-                self.adapt.tree_verified(main_len - drafted, nodes - main_len,
-                                         path - on_draft, bool(diverged))
+                self.adapt.tree_verified(nodes - main_len, path - on_draft if diverged else 0)
+                if not diverged and on_draft == drafted and main_len > drafted:
+                    # The nodes that lengthened the main chain continue another
+                    # occurrence: judged as lookup tokens past the draft.
+                    lengthened = (main_len - drafted, path - on_draft)
                 self.counters.tree_sampled += p.sampling == "sampled"
                 accepted = on_draft
             self.counters.verified(p, accepted)
             if p.n_lookup:
                 self.adapt.lookup_verified(req, p.n_lookup, min(accepted, p.n_lookup),
                                            p.lookup_kind)
+            if lengthened:
+                self.adapt.lookup_verified(req, *lengthened)
             if p.self_attempt and accepted >= p.n_lookup:
                 # The self-drafts were judged only if every source token before them held.
                 self.adapt.self_verified(req, accepted - p.n_lookup)

@@ -230,13 +230,12 @@ class DraftAdaptation:
         self.prior = prior
         self.requests: dict[str, RequestDrafting] = {}
         self.cost = StepCost()
-        # Token trees, engine-wide: tokens gained per node verified (decaying
-        # sums), apart for nodes that lengthen the main chain past the draft
-        # and nodes off it (siblings: dearer rows); and per request the steps
-        # since a tree was last allowed.
-        self.chain = Acceptance(decay=0.99)  # accepted: tokens gained; trials: nodes
-        self.off = Acceptance(decay=0.99)
-        self.chain_prior, self.off_prior = 0.3, 0.1
+        # Token trees: tokens gained per node off the main chain (siblings:
+        # dearer rows), engine-wide (decaying sums; nodes that lengthen the
+        # main chain are judged by the request's lookup acceptance); and per
+        # request the steps since a tree was last allowed.
+        self.off = Acceptance(decay=0.99)  # accepted: tokens gained; trials: nodes
+        self.off_prior = 0.1
         self._tree_skipped: dict[str, int] = {}
         self._off_skipped: dict[str, int] = {}  # trees built whose off-chain nodes were cut
         # The step being decided: its requests, drafted rows so far (off-chain
@@ -261,11 +260,19 @@ class DraftAdaptation:
         self._off_skipped.pop(req_id, None)
 
     # ---- token trees -----------------------------------------------------------
-    def tree_gains(self) -> tuple[float, float]:
-        """Estimated tokens a node adds to a step: one that lengthens the main
-        chain, one off it (engine-wide)."""
-        return (self.chain.estimate(self.chain_prior, 4.0),
-                self.off.estimate(self.off_prior, 4.0))
+    def off_gain(self) -> float:
+        """Estimated tokens a node off the main chain adds to a step (engine-wide)."""
+        return self.off.estimate(self.off_prior, 4.0)
+
+    def chain_gain(self, req_id: str, nodes: int, drafted: int, kind: str = "lookup") -> float:
+        """Expected tokens ``nodes`` nodes that lengthen a request's main chain
+        add: they count only where its ``drafted`` tokens (of ``kind``) all
+        held, and they continue another occurrence of its newest tokens, so
+        each holds with the request's lookup acceptance."""
+        if nodes <= 0:
+            return 0.0
+        held = self.lookup_p(req_id, kind) ** drafted
+        return held * lookup_gain(self.lookup_p(req_id), nodes)
 
     def _tree_cost(self) -> StepCost | None:
         """The cost model trees are sized by at this batch size: the fit, the
@@ -275,14 +282,14 @@ class DraftAdaptation:
             return self.cost
         return _FALLBACK_COST if self._batch == 1 else None
 
-    def _tree_ratio(self, cost: StepCost, chain: int, off: int) -> float:
-        gc, go = self.tree_gains()
-        return ((self._tokens + gc * chain + go * off)
-                / cost.step(self._batch, self._extra + chain + off, self._off + off))
+    def _ratio(self, cost: StepCost, gain: float, rows: int, off: int) -> float:
+        return ((self._tokens + gain)
+                / cost.step(self._batch, self._extra + rows, self._off + off))
 
-    def tree_nodes(self, req_id: str, max_nodes: int) -> tuple[int, bool]:
+    def tree_nodes(self, req_id: str, max_nodes: int, drafted: int = 0,
+                   kind: str = "lookup") -> tuple[int, bool]:
         """Nodes a request's tree may add this step, and whether this is a
-        probe: as many as pay at the better of the two kinds of node (at a
+        probe: as many as pay as main-chain nodes or as off-chain nodes (at a
         main-chain row's cost), so no tree is built where none could pay;
         ``max_nodes`` every ``probe_every`` steps where none does, so the
         estimates keep being measured. ``tree_shape`` then sizes the tree
@@ -292,12 +299,11 @@ class DraftAdaptation:
         cost = self._tree_cost()
         best_n = 0
         if cost is not None:
-            gc, go = self.tree_gains()
-            a, base = max(gc, go), self._tree_ratio(cost, 0, 0)
-            best = base * (1.0 + 0.02 / max(self._tokens, 1.0))
+            go = self.off_gain()
+            best = self._ratio(cost, 0.0, 0, 0) * (1.0 + 0.02 / max(self._tokens, 1.0))
             for n in range(1, max_nodes + 1):
-                ratio = ((self._tokens + a * n)
-                         / cost.step(self._batch, self._extra + n, self._off))
+                gain = max(self.chain_gain(req_id, n, drafted, kind), go * n)
+                ratio = self._ratio(cost, gain, n, 0)
                 if ratio > best:
                     best_n, best = n, ratio
         if best_n:
@@ -308,23 +314,25 @@ class DraftAdaptation:
         self._tree_skipped[req_id] = 0 if probe else skipped
         return (max_nodes, True) if probe else (0, False)
 
-    def tree_shape(self, req_id: str, chain: int, off: int,
-                   probe: bool = False) -> tuple[int, int]:
+    def tree_shape(self, req_id: str, chain: int, off: int, probe: bool = False,
+                   drafted: int = 0, kind: str = "lookup") -> tuple[int, int]:
         """How much of a built tree to verify: ``chain`` nodes lengthen its
-        main chain past the draft and ``off`` lie off it. The shape with the
-        most tokens per unit of cost among the main chain cut after each of
-        its nodes (no off-chain node) and the whole tree; (0, 0) when none
-        beats the bare draft. A probe, fixed drafting, or the ``probe_every``-th
-        tree in a row whose off-chain nodes would be dropped keeps it whole
-        (so their gain keeps being measured)."""
+        main chain past the request's ``drafted`` tokens and ``off`` lie off
+        it. The shape with the most tokens per unit of cost among the main
+        chain cut after each of its nodes (no off-chain node) and the whole
+        tree; (0, 0) when none beats the bare draft. A probe, fixed drafting,
+        or the ``probe_every``-th tree in a row whose off-chain nodes would be
+        dropped keeps it whole (so their gain keeps being measured)."""
         if self.fixed or probe:
             return chain, off
         cost = self._tree_cost() or _FALLBACK_COST
+        go = self.off_gain()
         best_shape = (0, 0)
-        best = self._tree_ratio(cost, 0, 0) * (1.0 + 0.02 / max(self._tokens, 1.0))
+        best = self._ratio(cost, 0.0, 0, 0) * (1.0 + 0.02 / max(self._tokens, 1.0))
         shapes = [(c, 0) for c in range(1, chain + 1)] + ([(chain, off)] if off else [])
         for c, o in shapes:
-            ratio = self._tree_ratio(cost, c, o)
+            gain = self.chain_gain(req_id, c, drafted, kind) + go * o
+            ratio = self._ratio(cost, gain, c + o, o)
             if ratio > best:
                 best_shape, best = (c, o), ratio
         if off and not best_shape[1]:
@@ -336,24 +344,21 @@ class DraftAdaptation:
             self._off_skipped[req_id] = 0
         return best_shape
 
-    def tree_commit(self, chain: int, off: int) -> None:
+    def tree_commit(self, req_id: str, chain: int, off: int, drafted: int = 0,
+                    kind: str = "lookup") -> None:
         """A tree adds ``chain`` main-chain and ``off`` off-chain rows to this step."""
-        gc, go = self.tree_gains()
         self._extra += chain + off
         self._off += off
-        self._tokens += gc * chain + go * off
+        self._tokens += self.chain_gain(req_id, chain, drafted, kind) + self.off_gain() * off
 
-    def tree_verified(self, chain: int, off: int, gained: int, diverged: bool) -> None:
-        """A tree with ``chain`` nodes past the draft on its main chain and
-        ``off`` off it was verified; its accepted path gained ``gained`` tokens
-        over the draft's agreeing prefix, through a sibling (``diverged``) or
-        along the main chain."""
-        for acc, nodes, got in ((self.chain, chain, 0 if diverged else gained),
-                                (self.off, off, gained if diverged else 0)):
-            if nodes > 0:
-                f = acc.decay ** nodes
-                acc.accepted = acc.accepted * f + got
-                acc.trials = acc.trials * f + nodes
+    def tree_verified(self, off: int, gained: int) -> None:
+        """A tree's ``off`` nodes off its main chain were verified and its
+        accepted path gained ``gained`` tokens through them (0 unless it left
+        the main chain for a sibling)."""
+        if off > 0:
+            f = self.off.decay ** off
+            self.off.accepted = self.off.accepted * f + gained
+            self.off.trials = self.off.trials * f + off
 
     def lookup_p(self, req_id: str, kind: str = "lookup") -> float:
         """Estimated acceptance of the next lookup token of this kind of match
