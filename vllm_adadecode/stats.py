@@ -44,8 +44,9 @@ class DrafterStats:
     requests: dict = field(default_factory=dict)  # req id -> [steps, accepted drafts]
     # Token trees: request-steps verified as a tree, their nodes, the nodes the
     # tree added beyond the request's own draft; steps whose accepted path went
-    # past the draft's agreeing prefix, and the tokens that gained; of those steps, the ones that left the
-    # main chain for a sibling branch (the others continued past its end).
+    # past the draft's agreeing prefix, and the tokens that gained; of those
+    # steps, the ones that left the main chain for a sibling branch (the others
+    # continued past its end).
     tree_steps: int = 0
     tree_nodes: int = 0
     tree_branch_nodes: int = 0
