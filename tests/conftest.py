@@ -155,6 +155,10 @@ class EngineRuns:
             t0 = time.perf_counter()
             job.setdefault("enforce_eager", True)
             job.setdefault("progress", False)
+            # No warm-up generation before an eager job: tests time nothing. A
+            # compiled job keeps it (its assertions count graphs compiled
+            # while serving, after the warm-up).
+            job.setdefault("warmup", not job["enforce_eager"])
             fresh = job.pop("fresh_process", False)
             if not fresh:  # the engine core in the job's own process: one process less
                 job.setdefault("in_process", True)

@@ -256,6 +256,49 @@ def test_step_cost_fits_what_an_off_chain_row_adds():
     assert flat.fits[1][3] == 0.0 and flat.step(1, 4, 2) == flat.step(1, 4, 0)
 
 
+def _jump_cost(jump_ms: float) -> StepCost:
+    """Batch-1 steps of 240 ms, 3 ms per drafted row up to 5 rows, and
+    ``jump_ms`` more from 6 rows on (a matrix kernel's tiling step, as the
+    1.5B's 6 vs 8 new tokens); most steps draft 0-5 rows."""
+    rng = np.random.default_rng(2)
+    cost = StepCost()
+    for i in range(250):
+        extra = int(rng.integers(0, 6)) if i % 5 else int(rng.integers(6, 10))
+        cost.observe(0.24 + 0.003 * extra + (jump_ms * 1e-3 if extra >= 6 else 0.0)
+                     + rng.normal(0, 0.001), 1, extra)
+    cost.set_fits(cost.refit())
+    return cost
+
+
+def test_step_cost_judges_each_count_of_rows_at_what_it_measured():
+    """A line fitted mostly on short drafts would price 9 rows at about 4
+    rows' worth more than 5; the measured offsets price them as they ran."""
+    cost = _jump_cost(40.0)
+    true = {5: 0.255, 7: 0.301, 9: 0.307}
+    for rows, seconds in true.items():
+        assert cost.step(1, rows) == pytest.approx(seconds, abs=0.004)
+    offs = cost.summary()["1"]["row_offsets_ms"]
+    assert set(offs) == set(range(10)) and offs[6] > 10.0 > offs[3]
+    # Tensor-parallel ranks get every coefficient and offset through one flat list.
+    buckets = range(1, 12)
+    flat = cost.as_floats(cost.fits, buckets)
+    assert len(flat) == 11 * StepCost.FIT_LEN
+    assert cost.from_floats(flat, buckets) == cost.fits
+    # Lengthening a request's 5 lookup tokens to 9 pays under the line, not at
+    # the measured cost of 9 rows.
+    ad = DraftAdaptation(k_max=5)
+    for _ in range(60):  # acceptance 0.8 per token
+        ad.lookup_verified("r", 5, 4)
+    ad.begin_step(1)
+    ad.commit("r", 5)
+    ad.cost = _jump_cost(0.0)
+    assert ad.tree_nodes("r", 4, drafted=5)[0] == 4
+    ad.begin_step(1)
+    ad.commit("r", 5)
+    ad.cost = _jump_cost(40.0)
+    assert ad.tree_nodes("r", 4, drafted=5)[0] == 0
+
+
 def test_tree_shape_keeps_what_pays_of_each_kind_of_node():
     """A built tree is cut to the shape with the most tokens per unit of cost:
     the main chain alone where siblings gain little for their dearer rows, the

@@ -13,6 +13,9 @@ LOOKUP = {"method": "adadecode", "num_speculative_tokens": 6, "adaptive": False,
           "self_draft": False, "lookup_corpus": False, "lookup_cache": False}
 TREE = {**LOOKUP, "tree": True}
 PRUNED = {**TREE, "tree_prune_top_k": 2}
+# Four long answers, twice (the second round from the prefix cache), blocks of 32.
+TREE_JOB = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
+                enable_prefix_caching=True)
 
 
 def _run(engine, model, **kw):
@@ -25,17 +28,15 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     """Four long answers, twice (the second round reads the first's blocks from
     the prefix cache), blocks of 32 tokens that accepted paths cross: linear
     drafts, trees, and trees pruned after the first exit layer all give
-    vanilla's tokens, as do pruned trees sized while serving. Some accepted
-    paths left the main draft (their KV was moved into place, and every later
-    token still matches), and pruning dropped nodes."""
-    job = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
-               enable_prefix_caching=True)
+    vanilla's tokens (trees sized while serving: the long tier's test below).
+    Some accepted paths left the main draft (their KV was moved into place,
+    and every later token still matches), and pruning dropped nodes."""
+    job = dict(TREE_JOB)
     van = _run(engine, smollm2, **job)
     lin = _run(engine, smollm2, speculative_config=LOOKUP, **job)
     tree = _run(engine, smollm2, speculative_config=TREE, **job)
     pruned = _run(engine, smollm2, speculative_config=PRUNED, **job)
-    sized = _run(engine, smollm2, speculative_config={**PRUNED, "adaptive": True}, **job)
-    for run in (lin, tree, pruned, sized):
+    for run in (lin, tree, pruned):
         assert run["token_ids"] == van["token_ids"]
         assert run["second_round"]["token_ids"] == van["second_round"]["token_ids"]
         assert run["second_round"]["prefix_cache_hit_tokens"] > 0
@@ -50,8 +51,16 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
     p = pruned["drafter"]["tree"]
     assert p["pruned"] > 0 and t["pruned"] == 0
     assert p["pruned_lost"] <= p["steps"]
-    # Sized by the measured gains and row costs (trees cut to what pays, the
-    # rest probes): still vanilla's tokens.
+
+
+@pytest.mark.full
+def test_tree_sized_while_serving_identical(engine, smollm2):
+    """Long tier: the same job with pruned trees sized by the measured gains
+    and row costs (trees cut to what pays, the rest probes): vanilla's tokens."""
+    van = _run(engine, smollm2, **TREE_JOB)
+    sized = _run(engine, smollm2, speculative_config={**PRUNED, "adaptive": True}, **TREE_JOB)
+    assert sized["token_ids"] == van["token_ids"]
+    assert sized["second_round"]["token_ids"] == van["second_round"]["token_ids"]
     assert sized["drafter"]["tree"]["steps"] > 0
 
 
@@ -70,8 +79,7 @@ def test_tree_corpus_runner_up_wins_where_the_main_draft_is_wrong(engine, smollm
     from vllm_adadecode.drafts.corpus import CORPUS_FILE, corpus_tokens, save_corpus
     from vllm_adadecode.heads import SHIPPED_DIR
 
-    job = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
-               enable_prefix_caching=True)
+    job = dict(TREE_JOB)
     van = _run(engine, smollm2, **job)  # the same job as the test above: run once
     right, wrong1, wrong2 = [], [], []
     for out in van["token_ids"]:

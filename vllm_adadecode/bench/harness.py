@@ -225,6 +225,15 @@ def run(*, model: str, methods: list[Method], datasets: dict[str, list],
     return doc
 
 
+def _offsets(fit: dict) -> str:
+    """A step-cost fit's measured offsets by drafted rows, as printed."""
+    offs = fit.get("row_offsets_ms") or {}
+    if not offs:
+        return ""
+    return " (measured offset by rows: " + ", ".join(
+        f"{rows}: {ms:+.1f}" for rows, ms in sorted(offs.items(), key=lambda kv: int(kv[0]))) + ")"
+
+
 def run_order(methods: list, repeat: int) -> list:
     """The engines of repeat ``repeat`` (0-based) in the order they run:
     forward, then backward, alternately, so that with an even number of
@@ -559,7 +568,7 @@ def format_table(doc: dict) -> str:
                              f"{tr.get('off_nodes', 0)} nodes off the main chain")
                 last = (r.get("step_cost") or [None])[-1] or {}
                 fits = [f"{bkt}: {f['step_ms']:.1f} + {f['row_ms']:.2f}/row + "
-                        f"{f.get('off_row_ms', 0.0):.2f}/off-chain row"
+                        f"{f.get('off_row_ms', 0.0):.2f}/off-chain row" + _offsets(f)
                         for bkt, f in sorted(last.items())]
                 if fits:
                     lines.append(f"  {r['method']} step cost fit (last repeat, ms, by batch "

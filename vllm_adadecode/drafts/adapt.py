@@ -66,24 +66,38 @@ class StepCost:
     from vLLM's kernel, in every layer (engine/tree.py); it is fitted only
     where such rows vary, else 0. Until a bucket has enough steps of both
     kinds, and for relative costs without timings, the batch-1 ratios
-    ``VERIFY_COST`` stand in (one request, its rows). Coefficients change
-    only in ``refit``, so tensor-parallel ranks can share rank 0's."""
+    ``VERIFY_COST`` stand in (one request, its rows).
 
-    def __init__(self, window: int = 256, min_steps: int = 16, min_spread: int = 2):
+    A forward's cost is not linear in its rows: on this CPU a batch-1 forward
+    over 8 new tokens costs 1.21x one token on Qwen2.5-Coder-1.5B where 6
+    cost 1.05x (the matrix kernels' tiling). So each count of drafted rows
+    seen in at least ``min_row_steps`` steps also gets its measured offset
+    from the line (the median residual of those steps), and a count of rows
+    is judged at what it measured, not at the line fitted mostly on shorter
+    drafts. Coefficients and offsets change only in ``refit``, so
+    tensor-parallel ranks can share rank 0's (``as_floats``)."""
+
+    def __init__(self, window: int = 256, min_steps: int = 16, min_spread: int = 2,
+                 min_row_steps: int = 4):
         self.window = window
         self.min_steps = min_steps
         self.min_spread = min_spread  # drafted rows must vary by this much for a fit
+        self.min_row_steps = min_row_steps
         self.samples: dict[int, deque] = {}
-        self.fits: dict[int, tuple[float, float, float, float]] = {}
+        # Per bucket: (a, b, c, e, offset at 0 drafted rows, at 1, ..., at MAX_ROWS).
+        self.fits: dict[int, tuple[float, ...]] = {}
 
     bucket = staticmethod(bucket)
+    MAX_ROWS = 24  # drafted rows per step that get their own measured offset
+    FIT_LEN = 5 + MAX_ROWS
 
     def step(self, batch: int, extra: int, off: int = 0) -> float:
         fit = self.fits.get(self.bucket(batch))
         if fit is None:  # one request's relative cost at batch 1
             return VERIFY_COST[min(1 + extra, len(VERIFY_COST) - 1)]
-        a, b, c, e = fit
-        return a + b * batch + c * extra + e * off
+        a, b, c, e = fit[:4]
+        offset = fit[4 + extra] if extra <= self.MAX_ROWS and len(fit) > 4 + extra else 0.0
+        return a + b * batch + c * extra + e * off + offset
 
     def fitted(self, batch: int) -> bool:
         return self.bucket(batch) in self.fits
@@ -122,25 +136,49 @@ class StepCost:
                 coef = np.linalg.lstsq(x, arr[:, 0], rcond=None)[0]
             a, b, c, e = (float(v) for v in coef)
             if c > 0 and a + b * arr[:, 1].mean() > 0:
-                fits[bkt] = (a, b, c, e)
+                residual = arr[:, 0] - x @ coef
+                offsets = [0.0] * (self.MAX_ROWS + 1)
+                for rows in range(self.MAX_ROWS + 1):
+                    seen = residual[arr[:, 2] == rows]
+                    if len(seen) >= self.min_row_steps:
+                        offsets[rows] = float(np.median(seen))
+                fits[bkt] = (a, b, c, e, *offsets)
         return fits
 
     def summary(self) -> dict[str, dict]:
         """Per fitted bucket (named by its batch sizes): a step's milliseconds
-        without drafts at the bucket's mean batch, per drafted row, and what an
-        off-chain tree row adds on top."""
+        without drafts at the bucket's mean batch, per drafted row, what an
+        off-chain tree row adds on top, and the measured offsets from that line
+        by count of drafted rows (where they are not 0)."""
         out = {}
-        for bkt, (a, b, c, e) in sorted(self.fits.items()):
+        for bkt, fit in sorted(self.fits.items()):
+            a, b, c, e = fit[:4]
             samples = self.samples.get(bkt) or [(0.0, 1 << (bkt - 1), 0, 0)]
             batch = sum(x[1] for x in samples) / len(samples)
             out[bucket_name(bkt)] = {
                 "batch": round(batch, 2), "step_ms": round(1e3 * (a + b * batch), 3),
                 "row_ms": round(1e3 * c, 3), "off_row_ms": round(1e3 * e, 3),
+                "row_offsets_ms": {rows: round(1e3 * v, 2) for rows, v in enumerate(fit[4:])
+                                   if v},
                 "steps": len(samples)}
         return out
 
-    def set_fits(self, fits: dict[int, tuple[float, float, float, float]]) -> None:
+    def set_fits(self, fits: dict[int, tuple[float, ...]]) -> None:
         self.fits = dict(fits)
+
+    def as_floats(self, fits: dict[int, tuple[float, ...]], buckets) -> list[float]:
+        """``fits`` for ``buckets`` as one flat list (zeros: no fit), for a broadcast."""
+        out: list[float] = []
+        for bkt in buckets:
+            fit = tuple(fits.get(bkt, ()))
+            out += list(fit) + [0.0] * (self.FIT_LEN - len(fit))
+        return out
+
+    def from_floats(self, flat: list[float], buckets) -> dict[int, tuple[float, ...]]:
+        """The inverse of ``as_floats``: buckets with a positive row cost."""
+        n = self.FIT_LEN
+        return {bkt: tuple(flat[n * i:n * i + n]) for i, bkt in enumerate(buckets)
+                if flat[n * i + 2] > 0}
 
 
 _FALLBACK_COST = StepCost()  # never fitted: the batch-1 ratios

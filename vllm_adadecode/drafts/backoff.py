@@ -115,13 +115,9 @@ class BackOff:
         if measured and last is not None and shape is not None and now - last < 5.0:
             self.cost.observe(now - last, *shape)
         if self._call % COST_SYNC_EVERY == 0:
-            fits = self.cost.refit()
             buckets = range(1, 12)
-            flat = [v for bkt in buckets for v in fits.get(bkt, (0.0, 0.0, 0.0, 0.0))]
-            flat = tp_broadcast(flat)
-            self.cost.set_fits({
-                bkt: tuple(flat[4 * i:4 * i + 4]) for i, bkt in enumerate(buckets)
-                if flat[4 * i + 2] > 0})
+            flat = tp_broadcast(self.cost.as_floats(self.cost.refit(), buckets))
+            self.cost.set_fits(self.cost.from_floats(flat, buckets))
 
     def summary(self) -> dict:
         return {"backoff": self.governor.summary() if self.governor else None,
