@@ -311,9 +311,21 @@ def test_tree_shape_keeps_what_pays_of_each_kind_of_node():
         ad.lookup_verified("r", 5, 5)  # this request's lookups hold
         ad.tree_verified(4, 0)  # siblings gained nothing
     ad.begin_step(1)
+    # the main chain alone, and every 8th tree whole at first, so the siblings
+    # stay measured; each whole tree whose siblings gain nothing doubles the
+    # interval (up to 128), and a gain brings it back to 8
+    ad._off_every = 8
     shapes = [ad.tree_shape("r", 3, 4, drafted=2) for _ in range(16)]
-    # the main chain alone, and every 8th tree whole, so the siblings stay measured
     assert shapes.count((3, 0)) == 14 and shapes.count((3, 4)) == 2
+    whole = []
+    for i in range(1000):
+        if ad.tree_shape("r", 3, 4, drafted=2) == (3, 4):
+            whole.append(i)
+            ad.tree_verified(4, 0)
+    gaps = [b - a for a, b in zip(whole, whole[1:])]
+    assert gaps[:4] == [16, 32, 64, 128] and set(gaps[4:]) == {128}
+    ad.tree_verified(4, 1)
+    assert ad._off_every == 8
     assert ad.tree_shape("r", 3, 4, probe=True, drafted=2) == (3, 4)
     for _ in range(200):
         ad.tree_verified(4, 4)  # now siblings gain a token each

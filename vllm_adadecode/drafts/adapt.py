@@ -258,6 +258,8 @@ class DraftAdaptation:
     """Decisions for every request of an engine, and the engine-wide lookup
     acceptance that a new request starts from."""
 
+    MAX_OFF_EVERY = 128  # longest interval between trees kept whole to measure siblings
+
     def __init__(self, k_max: int, *, probe_every: int = 8, max_self_skip: int = 32,
                  prior: float = 0.5, fixed: bool = False):
         self.k_max = k_max
@@ -275,7 +277,13 @@ class DraftAdaptation:
         self.off = Acceptance(decay=0.99)  # accepted: tokens gained; trials: nodes
         self.off_prior = 0.1
         self._tree_skipped: dict[str, int] = {}
-        self._off_skipped: dict[str, int] = {}  # trees built whose off-chain nodes were cut
+        # Trees built whose off-chain nodes were cut since one was kept whole
+        # (engine-wide, as the off-chain gain is): one is kept whole every
+        # ``_off_every`` such trees, an interval that doubles (up to
+        # ``MAX_OFF_EVERY``) each time a tree's off-chain nodes gain nothing
+        # and goes back to ``probe_every`` when they gain.
+        self._off_skipped = 0
+        self._off_every = probe_every
         # The step being decided: its requests, drafted rows so far (off-chain
         # tree rows among them) and the tokens they are expected to yield (one
         # per request, plus accepted drafts).
@@ -295,7 +303,6 @@ class DraftAdaptation:
     def forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
         self._tree_skipped.pop(req_id, None)
-        self._off_skipped.pop(req_id, None)
 
     # ---- token trees -----------------------------------------------------------
     def off_gain(self) -> float:
@@ -359,7 +366,7 @@ class DraftAdaptation:
         it. The shape with the most tokens per unit of cost among the main
         chain cut after each of its nodes (no off-chain node) and the whole
         tree; (0, 0) when none beats the bare draft. A probe, fixed drafting,
-        or the ``probe_every``-th tree in a row whose off-chain nodes would be
+        or the ``_off_every``-th tree in a row whose off-chain nodes would be
         dropped keeps it whole (so their gain keeps being measured)."""
         if self.fixed or probe:
             return chain, off
@@ -374,12 +381,12 @@ class DraftAdaptation:
             if ratio > best:
                 best_shape, best = (c, o), ratio
         if off and not best_shape[1]:
-            skipped = self._off_skipped.get(req_id, 0) + 1
-            self._off_skipped[req_id] = skipped % self.probe_every
-            if skipped >= self.probe_every:
+            self._off_skipped += 1
+            if self._off_skipped >= self._off_every:
+                self._off_skipped = 0
                 return chain, off
         elif off:
-            self._off_skipped[req_id] = 0
+            self._off_skipped = 0
         return best_shape
 
     def tree_commit(self, req_id: str, chain: int, off: int, drafted: int = 0,
@@ -397,6 +404,8 @@ class DraftAdaptation:
             f = self.off.decay ** off
             self.off.accepted = self.off.accepted * f + gained
             self.off.trials = self.off.trials * f + off
+            self._off_every = (self.probe_every if gained > 0
+                               else min(2 * self._off_every, self.MAX_OFF_EVERY))
 
     def lookup_p(self, req_id: str, kind: str = "lookup") -> float:
         """Estimated acceptance of the next lookup token of this kind of match
