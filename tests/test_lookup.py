@@ -102,14 +102,19 @@ def test_adaptation_shrinks_and_probes_after_rejections():
 def test_self_draft_early_stop_doubles_and_resets():
     ad = DraftAdaptation(k_max=5, max_self_skip=8)
     assert ad.may_self_draft("r")
-    ad.self_verified("r", 0)
+    ad.self_verified("r", 0, 1)
     assert [ad.may_self_draft("r") for _ in range(2)] == [False, True]
-    ad.self_verified("r", 0)
+    # an attempt with no confident exit drafted nothing: not a failure
+    ad.self_verified("r", 0, 0)
+    assert ad.may_self_draft("r")
+    ad.self_verified("r", 0, 3)
     assert [ad.may_self_draft("r") for _ in range(4)] == [False, False, False, True]
     for _ in range(5):
-        ad.self_verified("r", 0)
+        ad.self_verified("r", 0, 2)
     assert ad.state("r").self_skip == 8
-    ad.self_verified("r", 2)
+    ad.self_verified("r", 0, 0)
+    assert ad.state("r").self_skip == 8 and ad.state("r").self_failures == 7
+    ad.self_verified("r", 2, 2)
     assert ad.may_self_draft("r")
 
 

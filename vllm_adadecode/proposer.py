@@ -391,7 +391,8 @@ class AdaDecodeProposer(RunnerDrafter):
                 self.adapt.lookup_verified(req, *lengthened)
             if p.self_attempt and accepted >= p.n_lookup:
                 # The self-drafts were judged only if every source token before them held.
-                self.adapt.self_verified(req, accepted - p.n_lookup)
+                self.adapt.self_verified(req, accepted - p.n_lookup,
+                                         len(p.origins) - p.n_lookup)
             if self.per_request:
                 self.counters.per_request(req, len(sampled) - 1)
 

@@ -149,8 +149,8 @@ SETTINGS: tuple[Setting, ...] = (
             "corpus stays at or above this"),
     Setting("self_draft", "bool", True,
             "early-exit self-drafts, alone or after lookup tokens in the same draft; per "
-            "request they pause after attempts that yield no accepted token (doubling "
-            "pauses), and with `adaptive` a second back-off decides whether they pay on top "
+            "request they pause after steps whose self-drafts were all rejected (doubling "
+            "pauses; an attempt with no confident exit is not one), and with `adaptive` a second back-off decides whether they pay on top "
             "of lookups (off until its re-checks show they pay)"),
     Setting("disable_by_batch_size", "int", 16,
             "no drafts in a step whose batch holds this many requests or more, counting "

@@ -18,9 +18,11 @@ it (``begin_step``, ``lookup_length``, ``commit``). p is estimated per request
 from its own verified lookups, shrunk toward the engine-wide estimate.
 
 Self-drafts (early exits) stop per request as Kangaroo's and DEL's do: after
-an attempt that yields no accepted token, the request skips self-drafting for
+a step whose self-drafts were all rejected, the request skips self-drafting for
 a number of steps that doubles with each further failure (up to
-``max_self_skip``); an accepted self-draft resets it.
+``max_self_skip``); an accepted self-draft resets it. An attempt with no
+confident exit drafts nothing and is not a failure: the layers it ran are
+resumed by verification, not run again.
 
 With ``fixed`` (the engine's ``"adaptive": false``) every request drafts the
 most it can on every step. The engine-level back-off (governor.py) decides, per batch size, whether
@@ -464,12 +466,15 @@ class DraftAdaptation:
             return False
         return True
 
-    def self_verified(self, req_id: str, accepted: int) -> None:
-        """A step in which the request attempted self-drafts kept ``accepted`` of them."""
+    def self_verified(self, req_id: str, accepted: int, drafted: int) -> None:
+        """A step in which the request attempted self-drafts made ``drafted``
+        and kept ``accepted`` of them. An attempt that made none (no exit was
+        confident) is not a failure: verification resumes the layers it ran,
+        so it spent only its exit checks, and the pause stays as it was."""
         st = self.state(req_id)
         if accepted > 0:
             st.self_failures = 0
             st.self_skip = 0
-        else:
+        elif drafted > 0:
             st.self_failures += 1
             st.self_skip = min(2 ** st.self_failures - 1, self.max_self_skip)

@@ -270,12 +270,13 @@ def plot(report: dict, path: str) -> None:
         for i, k in enumerate(datasets):
             ax[i + 1].plot([r["depth"] for r in rs], [r["predicted"][k]["speedup"] for r in rs],
                            "o-", color=line.get_color(), label=n, ms=3)
-    for r in rows:
-        if r["design"] == "shipped":
-            ax[0].plot([r["depth"]], [r["agreement"]], "k*", ms=10, label="shipped")
-            for i, k in enumerate(datasets):
-                ax[i + 1].plot([r["depth"]], [r["predicted"][k]["speedup"]], "k*", ms=10,
-                               label="shipped")
+    shipped = sorted([r for r in rows if r["design"] == "shipped"], key=lambda r: r["depth"])
+    if shipped:  # one marker per exit layer, one legend entry
+        depths = [r["depth"] for r in shipped]
+        ax[0].plot(depths, [r["agreement"] for r in shipped], "k*", ms=10, label="shipped")
+        for i, k in enumerate(datasets):
+            ax[i + 1].plot(depths, [r["predicted"][k]["speedup"] for r in shipped], "k*",
+                           ms=10, label="shipped")
     ax[0].set_title("top-1 agreement with the full model (eval split)")
     ax[0].set_xlabel("layers run before the exit head")
     for i, k in enumerate(datasets):
