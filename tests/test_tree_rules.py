@@ -238,3 +238,25 @@ def test_tree_attention_equals_attention_over_prefix_and_ancestors(call_subset):
     # the rotary positions are the nodes' depths past the root
     depths = tree.depths()[tree.main_len:]
     assert rows.rope.tolist() == [p + d for d in depths]
+
+
+def test_with_trees_a_sized_lookup_chain_may_fill_every_scheduled_row():
+    """With ``tree`` and ``adaptive`` on, a request's main lookup draft may take
+    all ``num_speculative_tokens + tree_nodes`` rows vLLM schedules (sized by
+    its measured acceptance, as a linear draft is); without trees, with fixed
+    drafting, or under an explicit ``lookup_max_tokens``, the linear caps hold."""
+    from vllm_adadecode.config import AdaDecodeConfig
+    from vllm_adadecode.drafts.adapt import DraftAdaptation
+
+    base = dict(exit_layers=(2,), num_speculative_tokens=5, tree_nodes=4)
+    assert AdaDecodeConfig(**base, tree=True).chain_tokens == 9
+    assert AdaDecodeConfig(**base, tree=False).chain_tokens == 5
+    assert AdaDecodeConfig(**base, tree=True, adaptive=False).chain_tokens == 5
+    assert AdaDecodeConfig(**base, tree=True, lookup_max_tokens=3).chain_tokens == 3
+    # A request whose lookups always held: the sized length reaches past the
+    # linear draft's 5 rows, into the tree's.
+    adapt = DraftAdaptation(AdaDecodeConfig(**base, tree=True).chain_tokens)
+    for _ in range(40):
+        adapt.lookup_verified("r", 9, 9)
+    adapt.begin_step(1)
+    assert adapt.lookup_length("r") > 5

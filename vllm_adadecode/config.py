@@ -68,6 +68,17 @@ def _lookup_tokens(self) -> int:
     return min(self.lookup_max_tokens, self.num_speculative_tokens)
 
 
+def _chain_tokens(self) -> int:
+    """Most lookup tokens a request's main draft may hold in one step, when the
+    back-off sizes drafts (``adaptive``): with ``tree`` on, every row vLLM
+    schedules per request (``num_speculative_tokens`` + ``tree_nodes``), so a
+    long recurring span is drafted as one chain, at the length its measured
+    acceptance and row cost say pays, and branches fill the rows it leaves."""
+    if self.tree and self.adaptive and self.lookup_max_tokens is None:
+        return self.num_speculative_tokens + self.tree_nodes
+    return self.lookup_tokens
+
+
 def _field(s: Setting):
     if s.key == "exit_layers":  # always resolved: no default
         return (s.key, tuple)
@@ -80,6 +91,7 @@ AdaDecodeConfig = dataclasses.make_dataclass(
     "AdaDecodeConfig", [_field(s) for s in SETTINGS], frozen=True,
     namespace={"to_dict": _to_dict, "from_dict": classmethod(_from_dict),
                "lookup_tokens": property(_lookup_tokens),
+               "chain_tokens": property(_chain_tokens),
                "__doc__": "Resolved AdaDecode settings (fields: settings.SETTINGS)."})
 AdaDecodeConfig.__module__ = __name__
 

@@ -63,7 +63,7 @@ class AdaDecodeProposer(RunnerDrafter):
         self.per_request = os.environ.get("ADADECODE_STATS") == "1"
         # Per-request lengths and early stop; with "adaptive": false every
         # request drafts all it can on every step.
-        self.adapt = DraftAdaptation(config.lookup_tokens, fixed=not config.adaptive)
+        self.adapt = DraftAdaptation(config.chain_tokens, fixed=not config.adaptive)
         self.backoff = BackOff(adaptive=config.adaptive, lookup=config.lookup,
                                self_draft=config.self_draft,
                                disable_by_batch_size=config.disable_by_batch_size,
@@ -289,7 +289,8 @@ class AdaDecodeProposer(RunnerDrafter):
         try:
             # How many tokens would pay for this request in this step, decided
             # before searching: none, and the search is skipped.
-            cap = min(self.adapt.lookup_length(req), self.config.lookup_tokens, d.budget)
+            budget = draft_budget(self.config.chain_tokens, d.position, self.max_model_len)
+            cap = min(self.adapt.lookup_length(req), budget)
             if cap > 0:
                 tokens = batch.token_ids(d.row)
                 # The request's own tokens, then the cache of earlier responses.
@@ -303,8 +304,7 @@ class AdaDecodeProposer(RunnerDrafter):
             if not toks and self.corpus is not None:
                 # Nothing recurs: the model's own usual continuation. Judged
                 # apart: right several times less often than a repeat.
-                cap = min(self.adapt.lookup_length(req, "corpus"), self.config.lookup_tokens,
-                          d.budget)
+                cap = min(self.adapt.lookup_length(req, "corpus"), budget)
                 if cap > 0:
                     tokens = batch.token_ids(d.row) if tokens is None else tokens
                     toks, origin, kind = self.corpus.propose(tokens, cap), CORPUS, "corpus"

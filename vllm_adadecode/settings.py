@@ -171,7 +171,9 @@ SETTINGS: tuple[Setting, ...] = (
             "most branches a tree adds beside the main draft per request and step"),
     Setting("tree_nodes", "int", 4,
             "most nodes those branches add per request and step (vLLM schedules up to "
-            "`num_speculative_tokens` + this many rows per request when `tree` is on)"),
+            "`num_speculative_tokens` + this many rows per request when `tree` is on; with "
+            "`adaptive`, a request's lookup draft may fill them too where its measured "
+            "acceptance says a longer chain pays, and branches take the rows it leaves)"),
     Setting("tree_prune_top_k", "int", None,
             "early pruning (ProPD): after the first exit layer of the verification forward, "
             "the exit head scores each tree node's parent, and a branch node outside its "
