@@ -1,6 +1,6 @@
 """Generate 64 tokens for 3 HumanEval eval prompts on Qwen2.5-Coder-1.5B at batch 1, one
 engine in-process, printing each request's seconds. Argument: the adadecode
-speculative_config as JSON.
+speculative_config as JSON, or ``vanilla`` for an engine without speculation.
 
     python scripts/probes/generate_he3.py '{"lookup": false, "self_draft": false}'
     python scripts/probes/generate_he3.py --profile '{"heads": "HEADS", "lookup": false, "adaptive": false}'
@@ -34,7 +34,8 @@ args = ap.parse_args()
 
 llm = LLM(str(packaged_model_dir("Qwen2.5-Coder-1.5B-Instruct")), dtype="float32",
           enforce_eager=True, max_model_len=2048, max_num_seqs=1,
-          speculative_config={"method": "adadecode", **json.loads(args.config)})
+          **({} if args.config == "vanilla" else
+             {"speculative_config": {"method": "adadecode", **json.loads(args.config)}}))
 tok = llm.get_tokenizer()
 texts = [tok.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
                                  add_generation_prompt=True)
