@@ -215,3 +215,20 @@ def test_bad_concurrency_and_dataset_are_refused():
         H.parse_concurrency("1,0")
     with pytest.raises(H.BenchError, match="--dataset"):
         H.load_datasets(["gsm8k"], None, 4)
+
+
+def test_tokens_per_step_counts_the_drafters_steps_not_drafts_past_max_tokens():
+    """Two requests of 9 tokens (8 decoded each): the drafter saw 3 steps each
+    (a prefill, then 2 decode steps), while vLLM's counter also holds drafts
+    accepted past ``max_tokens`` (14 here, 12 emitted), which would give 8.0
+    tokens per step. The drafter's steps give the true 4.0; without them the
+    counters decide."""
+    from vllm_adadecode.bench.worker import acceptance_stats
+
+    tokens = [list(range(9)), list(range(9))]
+    counters = {"num_accepted_tokens": 14, "num_draft_tokens": 16}
+    stats = acceptance_stats(counters, tokens, [[3, 7], [3, 7]])
+    assert stats["tokens_per_step"] == 4.0
+    assert acceptance_stats(counters, tokens)["tokens_per_step"] == 8.0
+    # a request the drafter did not count: the counters decide
+    assert acceptance_stats(counters, tokens, [[3, 7], None])["tokens_per_step"] == 8.0

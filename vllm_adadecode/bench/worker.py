@@ -392,7 +392,8 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
             "drafter": drafter,
             "step_times": times,
             "cpu_s": cpu_s,
-            **acceptance_stats(counters, tokens),
+            **acceptance_stats(counters, tokens,
+                               drafter.get("per_prompt") if drafter is not None else None),
         })
     # InprocClient (engine core in this process) or SyncMPClient (its own process)
     client = type(llm.llm_engine.engine_core).__name__
@@ -401,17 +402,25 @@ def execute_sweep(job: dict[str, Any]) -> dict[str, Any]:
             "engine_core_client": client}
 
 
-def acceptance_stats(counters: dict, token_ids: list[list[int]]) -> dict[str, float]:
-    """Tokens per verification step and acceptance rate from vLLM's counters.
+def acceptance_stats(counters: dict, token_ids: list[list[int]],
+                     per_prompt: list | None = None) -> dict[str, float]:
+    """Tokens per verification step and acceptance rate.
 
     Each request's first output token comes from its prefill; every later step
-    verifies the drafts it has and emits 1 + (accepted drafts) tokens. So over
-    all requests, steps = decoded tokens - accepted, and mean accepted tokens
-    per verification step = decoded tokens / steps (1.0 without speculation).
+    verifies the drafts it has and emits 1 + (accepted drafts) tokens. The
+    drafter counts each request's steps (``per_prompt``: [steps, accepted] per
+    request, the first step its prefill); then tokens per step = decoded
+    tokens / decode steps. Without them, steps = decoded tokens - accepted
+    from vLLM's counters, which overstates tokens per step where a request's
+    last step accepts drafts past ``max_tokens`` (vLLM counts them, the output
+    drops them): short answers that lookups draft almost whole.
     """
     decoded = sum(max(0, len(t) - 1) for t in token_ids)
     accepted = counters.get("num_accepted_tokens", 0)
-    steps = decoded - accepted
+    if per_prompt and len(per_prompt) == len(token_ids) and all(per_prompt):
+        steps = sum(max(0, s[0] - 1) for s in per_prompt)
+    else:
+        steps = decoded - accepted
     drafted = counters.get("num_draft_tokens", 0)
     return {
         "tokens_per_step": decoded / steps if steps > 0 else 1.0,
