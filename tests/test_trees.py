@@ -128,6 +128,24 @@ def test_tree_with_self_drafts_and_sampled_requests_identical(engine, smollm2):
     assert d["drafted_by_sampling"].get("sampled", 0) > 0
 
 
+def test_tree_from_exit_heads_alone_identical(engine, smollm2):
+    """Self-drafts only (no lookups): the exit heads' likely tokens are the
+    tree's only branches, from the vocabulary shortlist where the full LM head
+    did not run (an attempt that was not confident drafts nothing but still
+    offers its likeliest tokens). Greedy and sampled requests give the same
+    tokens as without trees, and branches won steps."""
+    sampling = [{"temperature": 0.0} if i % 2 == 0 else {"temperature": 0.8, "seed": 7 + i}
+                for i in range(8)]
+    spec = {**LOOKUP, "lookup": False, "self_draft": True, "exit_layers": [6]}
+    lin = _run(engine, smollm2, sampling=sampling, speculative_config=spec)
+    tree = _run(engine, smollm2, sampling=sampling, speculative_config={**spec, "tree": True})
+    assert tree["token_ids"] == lin["token_ids"]
+    t = tree["drafter"]["tree"]
+    assert t["steps"] > t["sampled"] > 0
+    assert t["gain_exit"] > 0 and t["gain_lookup"] == 0
+    assert tree["tokens_per_step"] > lin["tokens_per_step"]
+
+
 @pytest.mark.full
 def test_tree_preemption_under_kv_pressure(engine, smollm2):
     """Code prompts prefilled in 64-token chunks, 24 KV blocks of 32 tokens for

@@ -282,10 +282,10 @@ def resolve(
         raise AdaDecodeConfigError(
             "adadecode 'tree_prune_top_k' prunes token trees in the layered verification "
             "forward: it needs 'tree': true and 'deferred': true (or set it to null)")
-    if values["tree"] and not values["lookup"]:
+    if values["tree"] and not (values["lookup"] or values["self_draft"]):
         raise AdaDecodeConfigError(
-            "adadecode 'tree' grows branches from lookups: it needs 'lookup': true "
-            "(or set 'tree': false)")
+            "adadecode 'tree' grows branches from lookups and from the exit heads' likely "
+            "tokens: it needs 'lookup': true or 'self_draft': true (or set 'tree': false)")
     if heads_path is not None and values["lookup"] and values["lookup_corpus"]:
         from .drafts.corpus import CorpusError, load_corpus_tokens
 

@@ -80,9 +80,9 @@ class AdaDecodeProposer(RunnerDrafter):
                 tokens = load_corpus_tokens(config.heads)  # checked at engine start
                 if tokens is not None:
                     self.corpus = DraftCorpus(tokens, min_prob=config.corpus_min_prob)
-        # Token trees: branches from other occurrences of the request's suffix and
-        # from the corpus's runners-up.
-        self.trees = TreeVerification() if config.tree and self.lookup is not None else None
+        # Token trees: branches from other occurrences of the request's suffix,
+        # the exit heads' likely tokens and the corpus's runners-up.
+        self.trees = TreeVerification() if config.tree else None
         self.early_exit: EarlyExitDrafter | None = None  # built in load_model
         self.verification: DeferredVerification | None = None
         self.segments: LayerSegments | None = None
@@ -209,7 +209,8 @@ class AdaDecodeProposer(RunnerDrafter):
         nodes = len(d.drafted) + branch_nodes
         t0 = time.perf_counter()
         tokens = batch.token_ids(d.row)
-        found = self.lookup.continuations(tokens, nodes, 2 * self.config.tree_branches)
+        found = (self.lookup.continuations(tokens, nodes, 2 * self.config.tree_branches)
+                 if self.lookup is not None else [])
         exits = [d.drafted[:j] + [t] for j, alts in sorted(d.exit_alternatives.items())
                  for t in alts]
         corpus = self._corpus_branches(tokens, d.drafted, nodes)

@@ -151,14 +151,18 @@ class EarlyExitDrafter:
         return exited
 
     def _alternatives(self, full, token: torch.Tensor) -> dict[int, list[int]]:
-        """Per row whose full LM head ran: its most likely tokens after the
-        top-1 (``tree_alternatives`` of them), a token tree's branches."""
-        rows, logits = full
-        if logits is None or not len(rows):
-            return {}
-        top = logits.topk(self.tree_alternatives + 1, dim=-1).indices.tolist()
+        """Per row: its most likely tokens after the top-1 (``tree_alternatives``
+        of them), a token tree's branches; from the full LM head where it ran,
+        else (with a shortlist) from the shortlist's rows."""
+        rows, logits, short_top = full
+        top: dict[int, list[int]] = {}
+        if short_top is not None:
+            top = dict(enumerate(short_top.tolist()))
+        if logits is not None and len(rows):
+            full_top = logits.topk(self.tree_alternatives + 1, dim=-1).indices.tolist()
+            top.update(zip(rows.tolist(), full_top))
         return {int(r): [t for t in ts if t != int(token[r])][: self.tree_alternatives]
-                for r, ts in zip(rows.tolist(), top)}
+                for r, ts in top.items()}
 
     def _exit_top1(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor,
                    sampled: list[bool]):
@@ -184,10 +188,15 @@ class EarlyExitDrafter:
         if self.shortlist is None:
             self.stats.full_head_evals += normed.shape[0]
             logits = self.model.compute_logits(normed)
-            return (*top1(logits), (torch.arange(normed.shape[0]), logits))
+            return (*top1(logits), (torch.arange(normed.shape[0]), logits, None))
         ids, rows, scale = self.shortlist
-        best, prob = top1((normed @ rows.T) * scale)
+        short = (normed @ rows.T) * scale
+        best, prob = top1(short)
         token = ids[best]
+        # A tree's branches where the full LM head does not run: the
+        # shortlist's likeliest tokens.
+        short_top = (ids[short.topk(self.tree_alternatives + 1, dim=-1).indices]
+                     if self.tree_alternatives else None)
         passed = exits(prob, self.threshold)
         if not self.full_head_check:
             passed = passed & torch.tensor(sampled, dtype=torch.bool)
@@ -197,7 +206,7 @@ class EarlyExitDrafter:
             self.stats.full_head_evals += maybe.numel()
             logits = self.model.compute_logits(normed[maybe])
             token[maybe], prob[maybe] = top1(logits)
-        return token, prob, (maybe, logits)
+        return token, prob, (maybe, logits, short_top)
 
     def head_top_k(self, exit_layer: int, hidden: torch.Tensor, residual: torch.Tensor,
                    k: int) -> torch.Tensor:
@@ -217,7 +226,7 @@ class EarlyExitDrafter:
         the noise the target will use at that position (same seed, same
         position), so the draft equals the target's draw wherever the two
         distributions are close."""
-        rows, logits = full
+        rows, logits, _ = full
         token = token.clone()
         for i, r in enumerate(rows.tolist()):
             d = reqs[r]

@@ -4,6 +4,8 @@ For each exit layer and for both the trained head and the identity head (the
 model's own norm + LM head on that layer, the "logit lens"):
 
 * agreement: top-1 of the exit head equals the full model's top-1;
+* top-k agreement: the full model's top-1 is among the exit head's k likeliest
+  tokens (a token tree's sibling branches from that head can catch it);
 * per threshold: the fraction of tokens that would exit (top-1 prob >= threshold)
   and, among those, the fraction the verifier would accept (precision);
 * calibration: confidence bins against the actual agreement in each bin.
@@ -21,6 +23,7 @@ from .train import FrozenHead
 
 THRESHOLDS = [round(0.05 * k, 2) for k in range(1, 21)]
 BINS = 10
+TOP_K = (2, 4, 8)
 
 
 @torch.no_grad()
@@ -33,7 +36,7 @@ def exit_stats(head: FrozenHead, feats: Features, transforms: dict[int, torch.Te
     head; other designs' tensors come in ``extra``; a ``final_state`` head reads
     the final state ``staleness`` positions back."""
     des = DESIGNS[design]
-    out = {x: {"conf": [], "right": [], "kl": []} for x in transforms}
+    out = {x: {"conf": [], "right": [], "kl": [], "rank": []} for x in transforms}
     for s in range(0, len(feats), batch):
         rows = torch.arange(s, min(s + batch, len(feats)))
         final_logits = head.final_logits(feats.final[rows])
@@ -55,6 +58,9 @@ def exit_stats(head: FrozenHead, feats: Features, transforms: dict[int, torch.Te
             out[x]["conf"].append(c.exp())
             out[x]["right"].append(tok == target)
             out[x]["kl"].append((logp.exp() * (logp - logq)).sum(-1))
+            # 0-based rank of the full model's token in the exit head's distribution.
+            own = logq.gather(-1, target[:, None])
+            out[x]["rank"].append((logq > own).sum(-1))
     return {x: {k: torch.cat(v) for k, v in r.items()} for x, r in out.items()}
 
 
@@ -78,7 +84,10 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict:
                       "confidence": float(conf[m].mean()) if n else None,
                       "agreement": float(right[m].mean()) if n else None})
     ece = sum(c["count"] * abs(c["confidence"] - c["agreement"]) for c in calib if c["count"])
-    return {"agreement": float(right.mean()), "mean_confidence": float(conf.mean()),
+    topk = ({str(k): float((stats["rank"] < k).float().mean()) for k in TOP_K}
+            if "rank" in stats else {})
+    return {"agreement": float(right.mean()), "top_k_agreement": topk,
+            "mean_confidence": float(conf.mean()),
             "calibration_error": ece / max(1, len(conf)),
             "by_threshold": by_threshold, "calibration": calib}
 

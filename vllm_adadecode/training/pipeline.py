@@ -297,8 +297,9 @@ def eval_command(args) -> dict:
     write(report, args.out_json, args.out_png, f"{Path(args.model).name}: {args.data} (eval split)")
     print(f"design {heads.design!r}")
     for x, r in report["layers"].items():
+        topk = ", ".join(f"top-{k} {v:.3f}" for k, v in r["trained"]["top_k_agreement"].items())
         print(f"layer {x}: agreement {r['identity']['agreement']:.3f} (identity) -> "
-              f"{r['trained']['agreement']:.3f} (trained)")
+              f"{r['trained']['agreement']:.3f} (trained; {topk})")
     for name, r in report["predicted"].items():
         own, best = r["heads_config"], r["best"]
         print(f"{name}: predicted batch-1 speedup {own['speedup']:.2f}x at "
