@@ -232,3 +232,11 @@ def test_tokens_per_step_counts_the_drafters_steps_not_drafts_past_max_tokens():
     assert acceptance_stats(counters, tokens)["tokens_per_step"] == 8.0
     # a request the drafter did not count: the counters decide
     assert acceptance_stats(counters, tokens, [[3, 7], None])["tokens_per_step"] == 8.0
+
+
+def test_category_tokens_per_step_counts_the_output_not_drafts_past_max_tokens():
+    """The per-category column: a request of 9 tokens decoded in 2 steps whose
+    drafter count holds 9 accepted drafts (1 past ``max_tokens``) makes 4.0
+    tokens per step, not 5.5; a request the drafter did not count is left out."""
+    assert H._tokens_per_step([[3, 9], None], [list(range(9)), list(range(5))]) == 4.0
+    assert H._tokens_per_step([None], [list(range(5))]) is None

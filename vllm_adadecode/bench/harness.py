@@ -479,7 +479,8 @@ def _category(runs: list[dict[str, dict]], m: Method, prompts: list, cat: str,
         if m.kind == "vanilla":
             tps.append(1.0)
         elif dr and dr.get("per_prompt"):
-            tps.append(_tokens_per_step([dr["per_prompt"][i] for i in idx]))
+            tps.append(_tokens_per_step([dr["per_prompt"][i] for i in idx],
+                                        [run["token_ids"][i] for i in idx]))
     return {"num_prompts": len(idx), "tokens_per_s": _mean(rates), "speedup": _mean(speedups),
             "tokens_per_step": _mean(tps), "identical_to_vanilla": min(same)}
 
@@ -491,12 +492,16 @@ def _rate(run: dict, idx: list[int]) -> float:
     return toks / secs if secs > 0 else 0.0
 
 
-def _tokens_per_step(per_prompt: list[list[int] | None]) -> float | None:
-    """Decoded tokens per decode step from the drafter's [steps, accepted] per
-    request (the first step of a request is its prefill)."""
-    steps = sum(max(0, s[0] - 1) for s in per_prompt if s)
-    accepted = sum(s[1] for s in per_prompt if s)
-    return (steps + accepted) / steps if steps else None
+def _tokens_per_step(per_prompt: list[list[int] | None],
+                     token_ids: list[list[int]]) -> float | None:
+    """Decoded tokens per decode step, from the drafter's [steps, accepted] per
+    request (the first step of a request is its prefill) and the output: its
+    accepted count includes drafts accepted past ``max_tokens``, which the
+    output drops (``worker.acceptance_stats``)."""
+    pairs = [(s, t) for s, t in zip(per_prompt, token_ids) if s]
+    steps = sum(max(0, s[0] - 1) for s, _ in pairs)
+    decoded = sum(max(0, len(t) - 1) for _, t in pairs)
+    return decoded / steps if steps else None
 
 
 # ---------------------------------------------------------------------------
