@@ -201,3 +201,21 @@ def test_a_governor_without_learning_needs_a_default():
 
     with pytest.raises(ValueError, match="unmeasured"):
         Governor(learn=False)
+
+
+def test_step_cost_fit_leaves_out_the_self_drafting_pass():
+    """A step of 0.30 s (one drafting call to the next) whose self-drafting
+    pass took 0.06 s enters the step-cost fit as 0.24 s with its 3 drafted
+    rows: the pass is spent before the fit's sizes matter, and would price
+    every drafted row at it."""
+    from vllm_adadecode.drafts.adapt import StepCost
+    from vllm_adadecode.drafts.backoff import BackOff
+
+    cost = StepCost()
+    backoff = BackOff(adaptive=True, lookup=True, self_draft=True,
+                      disable_by_batch_size=None, cost=cost)
+    backoff._call, backoff._step_start = 1, 10.0  # a call between two refits
+    backoff.drafted(1, 3, True, 1, self_seconds=0.06)
+    backoff._observe_step(10.30, measured=True)
+    (seconds, batch, rows, off), = cost.samples[cost.bucket(1)]
+    assert abs(seconds - 0.24) < 1e-9 and (batch, rows, off) == (1, 3, 1)

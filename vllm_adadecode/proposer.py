@@ -174,14 +174,17 @@ class AdaDecodeProposer(RunnerDrafter):
             if gate.self_draft and d.room and self.adapt.may_self_draft(d.req_id):
                 d.self_attempt = True
                 drafting.append(d)
+        self_seconds = 0.0
         if drafting:
+            t0 = time.perf_counter()
             self.early_exit.draft(batch, drafting)
+            self_seconds = time.perf_counter() - t0
         if self.trees is not None:
             for d in requests:
                 self._grow_tree(batch, d)
         self.backoff.drafted(n_active, sum(d.tree.size if d.tree else len(d.drafted)
                                            for d in requests), bool(drafting),
-                             sum(d.tree.off_chain for d in requests if d.tree))
+                             sum(d.tree.off_chain for d in requests if d.tree), self_seconds)
         if self._step_log is not None:
             self._log_step(n_active, batch.num_reqs, sampled_token_ids, requests, joined)
         for d in requests:

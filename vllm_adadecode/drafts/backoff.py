@@ -16,9 +16,13 @@ Three measures decide, in this order:
   phase that tries them on every second drafting step (an attempt at 12-15
   requests costs a sixth to a quarter of a step; docs/performance/backoff.md).
 
-The step-cost fit that sizes each request's lookup draft (adapt.py) learns
-from the same steps: ``BackOff`` times each step and refits it every
-``COST_SYNC_EVERY`` calls, on tensor-parallel rank 0's timings for every rank.
+The step-cost fit that sizes each request's lookup draft and token tree
+(adapt.py) learns from the same steps: ``BackOff`` times each step and refits
+it every ``COST_SYNC_EVERY`` calls, on tensor-parallel rank 0's timings for
+every rank. A step's self-drafting pass is taken out of its time: it is spent
+before those sizes matter, and left in, it would price every drafted row at
+its drafting pass (62-86 ms a row at batch 1 on Qwen2.5-Coder-1.5B, where a
+verified row costs about 10; docs/guides/token-trees.md).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class BackOff:
         # The last step's start (the drafter's call), its requests and the
         # draft rows it scheduled beside them (for the step-cost fit).
         self._step_start: float | None = None
-        self._step_shape: tuple[int, int, int] | None = None
+        self._step_shape: tuple[int, int, int, float] | None = None
 
     def gate(self, num_reqs: int, sampled_token_ids: list[list[int]], joined: bool) -> Gate:
         """This step's decision. ``num_reqs`` counts every request in the batch,
@@ -76,7 +80,7 @@ class BackOff:
         # prefill would count as one slow step.
         measured = not joined and n_active == num_reqs
         self._observe_step(now, measured)
-        self._step_shape = (n_active, 0, 0)  # until drafts are proposed
+        self._step_shape = (n_active, 0, 0, 0.0)  # until drafts are proposed
         if capped:
             # Too many requests to draft for: a plain step, outside the back-off's pairs.
             self._idle(self.governor, self.self_governor)
@@ -90,14 +94,15 @@ class BackOff:
         return Gate(True, go_self)
 
     def drafted(self, n_active: int, draft_rows: int, self_drafted: bool,
-                off_rows: int = 0) -> None:
+                off_rows: int = 0, self_seconds: float = 0.0) -> None:
         """Label the step by what it did: drafts proposed (``off_rows`` of the
-        rows off a token tree's main chain), self-drafts attempted."""
+        rows off a token tree's main chain), self-drafts attempted (taking
+        ``self_seconds``)."""
         if self.governor is not None:
             self.governor.drafted(draft_rows > 0 or self_drafted)
             if self.self_governor is not None:
                 self.self_governor.drafted(self_drafted)
-        self._step_shape = (n_active, draft_rows, off_rows)
+        self._step_shape = (n_active, draft_rows, off_rows, self_seconds)
 
     @staticmethod
     def _idle(*governors) -> None:
@@ -113,7 +118,8 @@ class BackOff:
         last, self._step_start = self._step_start, now
         shape, self._step_shape = self._step_shape, None
         if measured and last is not None and shape is not None and now - last < 5.0:
-            self.cost.observe(now - last, *shape)
+            n_active, rows, off, self_seconds = shape
+            self.cost.observe(now - last - self_seconds, n_active, rows, off)
         if self._call % COST_SYNC_EVERY == 0:
             buckets = range(1, 12)
             flat = tp_broadcast(self.cost.as_floats(self.cost.refit(), buckets))
