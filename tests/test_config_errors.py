@@ -181,7 +181,7 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
         "adaptive": True, "deferred": True, "shortlist": True, "full_head_check": True,
         "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
         "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 16384,
-        "lookup_corpus": True, "corpus_min_prob": 0.4, "self_draft": True,
+        "lookup_corpus": True, "corpus": None, "corpus_min_prob": 0.4, "self_draft": True,
         "disable_by_batch_size": 16, "tree": False, "tree_branches": 3, "tree_nodes": 4,
         "tree_prune_top_k": None, "sampled_drafts": True}
     assert cfg.num_lookahead_tokens == 4  # KV slots for drafted positions
@@ -273,3 +273,30 @@ def test_ray_cpu_platform_plugin_is_off_without_its_variable(monkeypatch):
     assert raycpu.platform_plugin() is None
     monkeypatch.setenv(raycpu.ENV, "1")
     assert raycpu.platform_plugin() == raycpu.PLATFORM  # this is a CPU build
+
+
+def test_corpus_from_another_folder_or_a_shipped_name(tiny_llama, tmp_path):
+    """``corpus`` takes another folder's corpus file, or a shipped heads folder
+    by name; a folder without one, a wrong type, or ids outside the model's
+    vocabulary are refused at engine start, naming the setting."""
+    from vllm_adadecode.config import resolve
+    from vllm_adadecode.drafts.corpus import corpus_tokens, save_corpus
+    from vllm_adadecode.heads import SHIPPED_DIR
+
+    def cfg(**kw):
+        return resolve({"method": "adadecode", **kw}, None, model_dir=tiny_llama,
+                       num_hidden_layers=6, hidden_size=256)
+
+    assert cfg().corpus is None  # identity heads, no corpus
+    # by name (its ids are SmolLM2's, beyond this tiny model's vocabulary: not loaded)
+    assert cfg(corpus="SmolLM2-135M-Instruct", lookup_corpus=False).corpus == str(
+        (SHIPPED_DIR / "SmolLM2-135M-Instruct").resolve())
+    with pytest.raises(AdaDecodeConfigError, match=r"'corpus': .* has no corpus\.safetensors"):
+        cfg(corpus=str(tmp_path))
+    with pytest.raises(AdaDecodeConfigError, match=r"'corpus' must be a folder holding"):
+        cfg(corpus=3)
+    save_corpus(tmp_path, corpus_tokens([[5, 6, 7, 8]]))
+    assert cfg(corpus=str(tmp_path)).corpus == str(tmp_path.resolve())
+    save_corpus(tmp_path, corpus_tokens([[5, 6, 10**6]]))  # beyond the vocabulary
+    with pytest.raises(AdaDecodeConfigError, match=r"adadecode 'corpus': .*token ids"):
+        cfg(corpus=str(tmp_path))

@@ -67,6 +67,13 @@ def test_corpus_drafts_where_nothing_recurs_identical_to_vanilla(engine, smollm2
     assert res["spec"]["num_accepted_tokens"] == accepted["lookup"] + accepted["corpus"]
     assert d["corpus"]["tokens"] > 100_000
     assert d["draft_layer_evals"] == 0
+    # The same corpus named by the `corpus` setting, beside identity heads (whose
+    # folder has none): the same drafts, kept and rejected alike.
+    named = _smol(engine, smollm2, speculative_config={
+        **CORPUS, "heads": "identity", "corpus": "SmolLM2-135M-Instruct"})
+    assert named["token_ids"] == van["token_ids"]
+    assert named["drafter"]["drafted_by_source"] == drafted
+    assert named["drafter"]["accepted_by_source"] == accepted
 
 
 def test_lookup_then_self_drafts_in_one_step(engine, smollm2):

@@ -286,13 +286,17 @@ def resolve(
         raise AdaDecodeConfigError(
             "adadecode 'tree' grows branches from lookups and from the exit heads' likely "
             "tokens: it needs 'lookup': true or 'self_draft': true (or set 'tree': false)")
-    if heads_path is not None and values["lookup"] and values["lookup_corpus"]:
+    corpus_path, corpus_key = heads_path, "heads"
+    if merged.get("corpus") is not None:
+        corpus_path, corpus_key = _corpus_folder(merged.pop("corpus")), "corpus"
+    merged.pop("corpus", None)
+    if corpus_path is not None and values["lookup"] and values["lookup_corpus"]:
         from .drafts.corpus import CorpusError, load_corpus_tokens
 
         try:  # a bad corpus file is refused at start, not in the first request
-            load_corpus_tokens(heads_path, _vocab_size(model_dir))
+            load_corpus_tokens(corpus_path, _vocab_size(model_dir))
         except CorpusError as e:
-            raise AdaDecodeConfigError(f"adadecode 'heads': {e}") from None
+            raise AdaDecodeConfigError(f"adadecode '{corpus_key}': {e}") from None
     assert not merged, merged
     return AdaDecodeConfig(
         **values,
@@ -300,4 +304,24 @@ def resolve(
         threshold=threshold,
         num_speculative_tokens=num_spec,
         heads=heads_path,
+        corpus=corpus_path,
     )
+
+
+def _corpus_folder(value: Any) -> str:
+    """The folder of the ``corpus`` setting: a folder holding the corpus file,
+    or the name of a shipped heads folder."""
+    from .drafts.corpus import CORPUS_FILE
+    from .heads import SHIPPED_DIR
+
+    allowed = (f"a folder holding {CORPUS_FILE}, or the name of a shipped heads folder "
+               f"({', '.join(sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / CORPUS_FILE).is_file()))})")
+    if not isinstance(value, str) or not value:
+        raise AdaDecodeConfigError(f"adadecode 'corpus' must be {allowed}, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_dir() and "/" not in value and (SHIPPED_DIR / value).is_dir():
+        path = SHIPPED_DIR / value
+    if not (path / CORPUS_FILE).is_file():
+        raise AdaDecodeConfigError(
+            f"adadecode 'corpus': {value!r} has no {CORPUS_FILE}; give {allowed}")
+    return str(path.resolve())

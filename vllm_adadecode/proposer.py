@@ -76,8 +76,8 @@ class AdaDecodeProposer(RunnerDrafter):
             self.lookup.warm_up()
             if config.lookup_cache:
                 self.cache = ResponseCache(self.lookup, config.lookup_cache_tokens)
-            if config.lookup_corpus and config.heads:
-                tokens = load_corpus_tokens(config.heads)  # checked at engine start
+            if config.lookup_corpus and config.corpus:
+                tokens = load_corpus_tokens(config.corpus)  # checked at engine start
                 if tokens is not None:
                     self.corpus = DraftCorpus(tokens, min_prob=config.corpus_min_prob)
         # Token trees: branches from other occurrences of the request's suffix,

@@ -28,7 +28,7 @@ from .errors import AdaDecodeConfigError
 @dataclasses.dataclass(frozen=True)
 class Setting:
     key: str
-    kind: str  # bool, int, fraction, layers, heads
+    kind: str  # bool, int, fraction, layers, heads (a path: heads, corpus)
     default: Any
     help: str
     low: int = 1  # int: the smallest allowed value
@@ -144,6 +144,14 @@ SETTINGS: tuple[Setting, ...] = (
             "of the request's last 1-8 tokens, from the heads folder's corpus of its answers "
             "to training prompts (`corpus.safetensors`; the shipped SmolLM2 and "
             "Qwen2.5-Coder-0.5B heads have one); judged apart from repeats, with its own acceptance estimate per request"),
+    Setting("corpus", "heads", None,
+            "where corpus drafts come from: another folder's `corpus.safetensors`, for example "
+            "that of a smaller model with the same tokenizer (`\"Qwen2.5-Coder-0.5B-Instruct\"`'s "
+            "raised Qwen2.5-Coder-1.5B's MT-Bench from 1.10x to 1.21x; "
+            "docs/performance/models.md)",
+            default_text="the heads folder's corpus",
+            allowed_text="a folder holding `corpus.safetensors`, or the name of a shipped "
+                         "heads folder"),
     Setting("corpus_min_prob", "fraction", 0.4,
             "a corpus draft continues while the product of its tokens' frequencies in the "
             "corpus stays at or above this"),
