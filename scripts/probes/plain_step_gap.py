@@ -10,7 +10,9 @@ platform turns it off anyway); ada_nodrafts (AdaDecode with lookups and
 self-drafts off: no drafts at all); ada (defaults); vanilla_timed (vanilla with
 the bench's step timers wrapped around the runner's methods); and each with
 _malloc (glibc's allocator with fixed thresholds). Add --in-process to run each
-engine's core in its job's process.
+engine's core in its job's process; --eager, --concurrency and --num-prompts
+for other jobs (for example the bench's c=16 cells:
+``--in-process --eager --concurrency 16 --num-prompts 40 --max-tokens 64``).
 
 Each line also gives, per output token, the CPU milliseconds (user, system) and
 minor page faults of every process: the frontend, vLLM's EngineCore and its
@@ -47,10 +49,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--in-process", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--log", default="plain_step_gap.log")
     args = ap.parse_args()
-    base = dict(model=str(packaged_model_dir()), prompts=[p.text for p in mixed(8)],
-                max_tokens=args.max_tokens, concurrency=1, dtype="float32", enforce_eager=False, seed=0,
+    base = dict(model=str(packaged_model_dir()), prompts=[p.text for p in mixed(args.num_prompts)],
+                max_tokens=args.max_tokens, concurrency=args.concurrency, dtype="float32",
+                enforce_eager=args.eager, seed=0,
                 progress=False, in_process=args.in_process)
     order = args.engines.split(",")
     outputs: dict[str, list] = {}
