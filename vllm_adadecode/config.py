@@ -286,10 +286,9 @@ def resolve(
         raise AdaDecodeConfigError(
             "adadecode 'tree' grows branches from lookups and from the exit heads' likely "
             "tokens: it needs 'lookup': true or 'self_draft': true (or set 'tree': false)")
-    corpus_path, corpus_key = heads_path, "heads"
-    if merged.get("corpus") is not None:
-        corpus_path, corpus_key = _corpus_folder(merged.pop("corpus")), "corpus"
-    merged.pop("corpus", None)
+    corpus = merged.pop("corpus", None)
+    corpus_path, corpus_key = ((heads_path, "heads") if corpus is None
+                               else (_corpus_folder(corpus), "corpus"))
     if corpus_path is not None and values["lookup"] and values["lookup_corpus"]:
         from .drafts.corpus import CorpusError, load_corpus_tokens
 
