@@ -51,6 +51,21 @@ def qwen05b() -> str:
     return str(packaged_model_dir("Qwen2.5-Coder-0.5B-Instruct"))
 
 
+@pytest.fixture(scope="session")
+def qwen15b() -> str:
+    """Qwen2.5-Coder-1.5B-Instruct, an optional extra: skipped where its parts
+    are not installed (the default suite installs the 0.5B only)."""
+    from vllm_adadecode.models import cache_root, model_parts, packaged_model_dir
+
+    name = "Qwen2.5-Coder-1.5B-Instruct"
+    if not (cache_root() / "models" / name / "config.json").is_file():
+        try:
+            model_parts(name)
+        except Exception as e:  # parts not installed
+            pytest.skip(f"{name} is an optional extra (pip install 'vllm-adadecode[qwen-1.5b]'): {e}")
+    return str(packaged_model_dir(name))
+
+
 TINY = dict(
     hidden_size=256,
     intermediate_size=512,

@@ -7,6 +7,7 @@ validated while vLLM builds its config, before any engine process starts.
 import json
 
 import pytest
+import torch
 
 from vllm_adadecode.config import AdaDecodeConfigError
 from vllm_adadecode.heads import ExitHeads, base_model_fingerprint
@@ -300,3 +301,40 @@ def test_corpus_from_another_folder_or_a_shipped_name(tiny_llama, tmp_path):
     save_corpus(tmp_path, corpus_tokens([[5, 6, 10**6]]))  # beyond the vocabulary
     with pytest.raises(AdaDecodeConfigError, match=r"adadecode 'corpus': .*token ids"):
         cfg(corpus=str(tmp_path))
+
+
+def test_heads_folder_names_its_corpus_with_corpus_from(tiny_llama, tmp_path):
+    """A heads folder without a corpus of its own may name one in its
+    config.json ("corpus_from"), as the shipped Qwen2.5-Coder-1.5B heads name
+    the 0.5B's; the ``corpus`` setting still wins, and a name that holds no
+    corpus is refused at engine start. Heads stored in fp16 load as such."""
+    from vllm_adadecode.config import resolve
+    from vllm_adadecode.drafts.corpus import corpus_tokens, save_corpus
+    from vllm_adadecode.heads import ExitHeads, base_model_fingerprint
+
+    def cfg(**kw):
+        return resolve({"method": "adadecode", **kw}, None, model_dir=tiny_llama,
+                       num_hidden_layers=6, hidden_size=256)
+
+    other, elsewhere = tmp_path / "other", tmp_path / "elsewhere"
+    other.mkdir(), elsewhere.mkdir()
+    save_corpus(other, corpus_tokens([[5, 6, 7, 8]]))
+    heads_dir = tmp_path / "heads"
+    g = torch.Generator().manual_seed(0)
+    heads = ExitHeads({2: torch.eye(256) + 0.01 * torch.randn(256, 256, generator=g)},
+                      hidden_size=256, base_model_fingerprint=base_model_fingerprint(tiny_llama),
+                      metadata={"corpus_from": str(other)})
+    heads.save(heads_dir, dtype=torch.float16)
+    loaded = ExitHeads.load(heads_dir)
+    assert loaded.transforms[2].dtype == torch.float16
+    assert torch.allclose(loaded.transforms[2].float(), heads.transforms[2], atol=1e-3)
+    assert cfg(heads=str(heads_dir)).corpus == str(other.resolve())
+    save_corpus(elsewhere, corpus_tokens([[9, 10, 11]]))
+    assert cfg(heads=str(heads_dir), corpus=str(elsewhere)).corpus == str(elsewhere.resolve())
+    save_corpus(heads_dir, corpus_tokens([[12, 13, 14]]))  # its own corpus comes first
+    assert cfg(heads=str(heads_dir)).corpus == str(heads_dir.resolve())
+    (heads_dir / "corpus.safetensors").unlink()
+    ExitHeads(loaded.transforms, hidden_size=256, base_model_fingerprint=loaded.base_model_fingerprint,
+              metadata={"corpus_from": "no-such-shipped-folder"}).save(heads_dir)
+    with pytest.raises(AdaDecodeConfigError, match=r"'corpus_from' \('no-such-shipped-folder'\)"):
+        cfg(heads=str(heads_dir))

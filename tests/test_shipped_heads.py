@@ -1,22 +1,28 @@
-"""The exit heads and corpora shipped for SmolLM2-135M-Instruct and
-Qwen2.5-Coder-0.5B-Instruct."""
+"""The exit heads and corpora shipped for SmolLM2-135M-Instruct,
+Qwen2.5-Coder-0.5B-Instruct and Qwen2.5-Coder-1.5B-Instruct (whose corpus is the
+0.5B's)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_adadecode.heads import SHIPPED_DIR, ExitHeads, base_model_fingerprint
 
-# (folder, model fixture, hidden size, vocabulary, shortlist size)
-SHIPPED = [("SmolLM2-135M-Instruct", "smollm2", 576, 49152, 4096),
-           ("Qwen2.5-Coder-0.5B-Instruct", "qwen05b", 896, 151936, 1423)]
+# (folder, model fixture, hidden size, vocabulary, shortlist size, largest weights file)
+SHIPPED = [("SmolLM2-135M-Instruct", "smollm2", 576, 49152, 4096, 10 * 2**20),
+           ("Qwen2.5-Coder-0.5B-Instruct", "qwen05b", 896, 151936, 1423, 10 * 2**20),
+           # three 1536 x 1536 heads, stored in fp16
+           ("Qwen2.5-Coder-1.5B-Instruct", "qwen15b", 1536, 151936, 1804, 15 * 2**20)]
+WITH_CORPUS = [s for s in SHIPPED if (SHIPPED_DIR / s[0] / "corpus.safetensors").is_file()]
 
 
 @pytest.fixture(params=SHIPPED, ids=[s[0] for s in SHIPPED])
 def shipped(request):
-    name, fixture, hidden, vocab, shortlist = request.param
+    name, fixture, hidden, vocab, shortlist, size = request.param
     return dict(heads=SHIPPED_DIR / name, model=request.getfixturevalue(fixture),
-                hidden=hidden, vocab=vocab, shortlist=shortlist)
+                hidden=hidden, vocab=vocab, shortlist=shortlist, size=size)
 
 
 def test_shipped_heads_match_the_packaged_model(shipped):
@@ -24,7 +30,7 @@ def test_shipped_heads_match_the_packaged_model(shipped):
     heads = ExitHeads.load(folder)
     assert heads.base_model_fingerprint == base_model_fingerprint(shipped["model"])
     assert heads.hidden_size == shipped["hidden"] and heads.metadata["trained"] is True
-    assert (folder / "exit_heads.safetensors").stat().st_size < 10 * 2**20  # small
+    assert (folder / "exit_heads.safetensors").stat().st_size < shipped["size"]  # small
     # the vocabulary shortlist covers most of the model's held-out response tokens
     assert heads.shortlist is not None and heads.shortlist.numel() == shipped["shortlist"]
     assert int(heads.shortlist.max()) < shipped["vocab"]
@@ -71,7 +77,7 @@ def test_explicit_layers_outside_the_shipped_heads_use_identity_heads(smollm2):
         assert cfg.additional_config["adadecode"]["heads"] is None
 
 
-@pytest.mark.parametrize("name, vocab", [(s[0], s[3]) for s in SHIPPED])
+@pytest.mark.parametrize("name, vocab", [(s[0], s[3]) for s in WITH_CORPUS])
 def test_shipped_corpus_is_the_models_answers_to_training_prompts_only(name, vocab):
     import numpy as np
 
@@ -89,3 +95,29 @@ def test_shipped_corpus_is_the_models_answers_to_training_prompts_only(name, voc
     tokens = load_corpus_tokens(folder, vocab_size=vocab)
     assert int((tokens == -1).sum()) <= c["num_prompts"]  # one separator per answer
     assert DraftCorpus(tokens).num_tokens == c["tokens"] == int(np.sum(tokens >= 0))
+
+
+def test_the_15b_heads_borrow_the_05b_corpus():
+    """The 1.5B's folder has no corpus of its own: its config.json names the
+    0.5B's (the same tokenizer), which the engine then loads by default."""
+    from vllm_adadecode.config import _borrowed_corpus
+
+    folder = SHIPPED_DIR / "Qwen2.5-Coder-1.5B-Instruct"
+    heads = ExitHeads.load(folder)
+    assert not (folder / "corpus.safetensors").exists()
+    assert heads.metadata["corpus_from"] == "Qwen2.5-Coder-0.5B-Instruct"
+    assert _borrowed_corpus(str(folder), heads.metadata["corpus_from"]) == str(
+        (SHIPPED_DIR / "Qwen2.5-Coder-0.5B-Instruct").resolve())
+    assert {t.dtype for t in heads.transforms.values()} == {torch.float16}
+    assert heads.exit_layers == [3, 5, 8]
+
+
+def test_the_15b_default_config_loads_the_05b_corpus(qwen15b, qwen05b):
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert (Path(qwen15b) / "tokenizer.json").read_bytes() == \
+        (Path(qwen05b) / "tokenizer.json").read_bytes()
+    cfg = EngineArgs(model=qwen15b, speculative_config={"method": "adadecode"}) \
+        .create_engine_config()
+    assert cfg.additional_config["adadecode"]["corpus"] == str(
+        (SHIPPED_DIR / "Qwen2.5-Coder-0.5B-Instruct").resolve())

@@ -289,6 +289,8 @@ def resolve(
     corpus = merged.pop("corpus", None)
     corpus_path, corpus_key = ((heads_path, "heads") if corpus is None
                                else (_corpus_folder(corpus), "corpus"))
+    if corpus is None and heads is not None and "corpus_from" in heads.metadata:
+        corpus_path = _borrowed_corpus(heads_path, heads.metadata["corpus_from"])
     if corpus_path is not None and values["lookup"] and values["lookup_corpus"]:
         from .drafts.corpus import CorpusError, load_corpus_tokens
 
@@ -305,6 +307,23 @@ def resolve(
         heads=heads_path,
         corpus=corpus_path,
     )
+
+
+def _borrowed_corpus(heads_path: str, name: Any) -> str:
+    """The corpus a heads folder names in its config.json ("corpus_from": a
+    shipped heads folder, or a folder, whose model has the same tokenizer),
+    for a folder that has no corpus file of its own."""
+    from .drafts.corpus import CORPUS_FILE
+
+    if (Path(heads_path) / CORPUS_FILE).is_file():
+        return heads_path
+    try:
+        return _corpus_folder(name)
+    except AdaDecodeConfigError as e:
+        raise AdaDecodeConfigError(
+            f"adadecode heads folder {heads_path}: its config.json's 'corpus_from' "
+            f"({name!r}) names no corpus ({e}); fix that file, or give the "
+            "'corpus' setting") from None
 
 
 def _corpus_folder(value: Any) -> str:

@@ -167,13 +167,17 @@ class ExitHeads:
         return bool(torch.equal(t, torch.eye(self.hidden_size, dtype=t.dtype)))
 
     # ---- folder I/O -------------------------------------------------------
-    def save(self, out_dir: str | os.PathLike) -> Path:
+    def save(self, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
+        """Write the folder; ``dtype`` (one of ``HEAD_DTYPES``) is the heads'
+        storage dtype: the drafter casts them to the model's dtype on load."""
         from safetensors.torch import save_file
 
+        if dtype not in HEAD_DTYPES:
+            raise ValueError(f"dtype must be one of {HEAD_DTYPES}, got {dtype}")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {
-            f"exit_heads.{layer}.{name}": t.detach().to(torch.float32).contiguous()
+            f"exit_heads.{layer}.{name}": t.detach().to(dtype).contiguous()
             for layer in self.transforms for name, t in self.params(layer).items()
         }
         if self.shortlist is not None:

@@ -149,7 +149,8 @@ SETTINGS: tuple[Setting, ...] = (
             "that of a smaller model with the same tokenizer (`\"Qwen2.5-Coder-0.5B-Instruct\"`'s "
             "took Qwen2.5-Coder-1.5B's MT-Bench from 1.11x to 1.22x, 1.16 to 1.34 tokens per "
             "step; docs/performance/models.md)",
-            default_text="the heads folder's corpus",
+            default_text="the heads folder's corpus, or the one its config.json names in "
+                         "`corpus_from` (the shipped Qwen2.5-Coder-1.5B heads name the 0.5B's)",
             allowed_text="a folder holding `corpus.safetensors`, or the name of a shipped "
                          "heads folder"),
     Setting("corpus_min_prob", "fraction", 0.4,
