@@ -1,5 +1,5 @@
 """Generate 64 tokens for 3 HumanEval eval prompts on Qwen2.5-Coder-1.5B at batch 1, one
-engine in-process, printing each request's seconds. Argument: the adadecode
+engine in-process, printing each request's seconds (``--dataset mtbench``: MT-Bench). Argument: the adadecode
 speculative_config as JSON, or ``vanilla`` for an engine without speculation.
 
     python scripts/probes/generate_he3.py '{"lookup": false, "self_draft": false}'
@@ -30,6 +30,8 @@ from vllm_adadecode.models import packaged_model_dir  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("config")
 ap.add_argument("--profile", action="store_true")
+ap.add_argument("--dataset", default="humaneval", help="a packaged set (eval split)")
+ap.add_argument("--stats", help="write the cProfile stats here (pstats format)")
 args = ap.parse_args()
 
 llm = LLM(str(packaged_model_dir("Qwen2.5-Coder-1.5B-Instruct")), dtype="float32",
@@ -39,7 +41,7 @@ llm = LLM(str(packaged_model_dir("Qwen2.5-Coder-1.5B-Instruct")), dtype="float32
 tok = llm.get_tokenizer()
 texts = [tok.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
                                  add_generation_prompt=True)
-         for p in prompts.load("humaneval")[:3]]
+         for p in prompts.load(args.dataset)[:3]]
 params = SamplingParams(temperature=0, max_tokens=64)
 prof = None
 if args.profile:
@@ -53,3 +55,5 @@ for t in texts:
 if prof is not None:
     prof.disable()
     pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+    if args.stats:
+        prof.dump_stats(args.stats)
