@@ -573,8 +573,12 @@ def _serve_jobs(reply_fd: int) -> None:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-            cleanup_dist_env_and_memory()
-            gc.collect()
+            if status != "ok":
+                # A job that ended normally deleted its engine, whose shutdown
+                # ran this cleanup already (each pass is a full garbage
+                # collection, about half a second here); a failed one may not have.
+                cleanup_dist_env_and_memory()
+                gc.collect()
         sys.stdout.flush()
         sys.stderr.flush()
         replies.write(status + "\n")
