@@ -129,16 +129,17 @@ def test_response_cache_drafts_across_requests_under_its_cap(engine, smollm2):
 
 
 def test_no_drafts_at_or_above_disable_by_batch_size(engine, tiny_llama):
-    """One request at a time: disabled from batch 1, no step drafts and the
-    tokens are vanilla's; the same job under the default limit (16) drafts
-    (it is the tensor-parallel test's job: its engines are shared)."""
-    job, spec = _tiny_cache_job(tiny_llama)
-    van = engine(**job)
-    never = engine(**job, speculative_config={**spec, "disable_by_batch_size": 1})
+    """Disabled from batch 1: no step drafts, not even once a single request
+    is left, and the tokens are vanilla's; the same job under the default
+    limit (16) drafts (its engines are test_engine.py's, shared)."""
+    spec = {**TINY_MIXED, "lookup_cache": True}
+    van = _tiny(engine, tiny_llama)
+    never = _tiny(engine, tiny_llama, speculative_config={**spec, "disable_by_batch_size": 1})
     assert never["token_ids"] == van["token_ids"]
     assert not never["drafter"]["drafted_by_source"]
     assert never["spec"].get("num_accepted_tokens", 0) == 0
-    assert sum(engine(**job, speculative_config=spec)["drafter"]["drafted_by_source"].values())
+    assert sum(_tiny(engine, tiny_llama, speculative_config=TINY_SPEC)["drafter"]
+               ["drafted_by_source"].values())
 
 
 def test_disable_by_batch_size_counts_requests_still_prefilling(engine, tiny_llama, tmp_path):

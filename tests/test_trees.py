@@ -14,7 +14,7 @@ LOOKUP = {"method": "adadecode", "num_speculative_tokens": 6, "adaptive": False,
 TREE = {**LOOKUP, "tree": True}
 PRUNED = {**TREE, "tree_prune_top_k": 2}
 # Four long answers, twice (the second round from the prefix cache), blocks of 32.
-TREE_JOB = dict(max_tokens=256, prompts=PROMPTS8[:4], block_size=32, second_round=True,
+TREE_JOB = dict(max_tokens=160, prompts=PROMPTS8[:4], block_size=32, second_round=True,
                 enable_prefix_caching=True)
 
 
@@ -41,7 +41,7 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
         assert run["second_round"]["token_ids"] == van["second_round"]["token_ids"]
         assert run["second_round"]["prefix_cache_hit_tokens"] > 0
     t = tree["drafter"]["tree"]
-    assert t["steps"] > 50 and t["branch_nodes"] > 0
+    assert t["steps"] >= 40 and t["branch_nodes"] > 0  # 56 trees in 160-token answers
     assert t["branch_wins"] > 0 and t["branch_tokens"] >= t["branch_wins"]
     assert t["diverged"] > 0  # some paths went through a sibling branch
     assert 0 < t["off_nodes"] <= t["branch_nodes"]  # off the main chain, of those past the draft
