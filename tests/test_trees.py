@@ -41,7 +41,7 @@ def test_tree_smollm2_identical_branches_win_pruning_and_prefix_cache(engine, sm
         assert run["second_round"]["token_ids"] == van["second_round"]["token_ids"]
         assert run["second_round"]["prefix_cache_hit_tokens"] > 0
     t = tree["drafter"]["tree"]
-    assert t["steps"] >= 40 and t["branch_nodes"] > 0  # 56 trees in 160-token answers
+    assert t["steps"] > 50 and t["branch_nodes"] > 0
     assert t["branch_wins"] > 0 and t["branch_tokens"] >= t["branch_wins"]
     assert t["diverged"] > 0  # some paths went through a sibling branch
     assert 0 < t["off_nodes"] <= t["branch_nodes"]  # off the main chain, of those past the draft
