@@ -207,8 +207,7 @@ def test_without_a_fit_a_loaded_step_drafts_one_token_per_request():
 
 def test_tree_size_follows_the_branch_gain_and_the_row_cost():
     """Tree nodes: many where a node has gained tokens and rows are cheap,
-    none where rows are dear or where no fit of this batch size exists (a
-    larger batch then grows trees only on probes)."""
+    none where rows are dear or where no fit of this batch size exists."""
     ad = DraftAdaptation(k_max=5)
     for _ in range(20):
         ad.tree_verified(4, 4)  # every sibling node gained a token
@@ -223,12 +222,40 @@ def test_tree_size_follows_the_branch_gain_and_the_row_cost():
     ad.cost = StepCost()
     ad.begin_step(16)
     sizes = [ad.tree_nodes("c", 4) for _ in range(16)]
-    assert sizes.count((4, True)) == 2 and sizes.count((0, False)) == 14  # probes only
+    assert sizes == [(0, False)] * 16  # no fit at batch 16: no tree, not even a probe
     for _ in range(200):
         ad.tree_verified(4, 0)  # siblings stopped gaining
         ad.lookup_verified("d", 5, 0)  # and the request's lookups never hold
     ad.begin_step(1)
     assert ad.tree_nodes("d", 4, drafted=2) == (0, False)
+
+
+def test_tree_probes_run_only_where_their_rows_cost_a_request_share():
+    """Where no tree pays, a whole-tree probe runs every ``probe_every``
+    steps: always alone in the batch, and in a larger batch only where the
+    fitted cost says its rows cost at most one request's share of the step.
+    Where rows are dear, the engine verifies exactly the linear draft."""
+    ad = DraftAdaptation(k_max=5)
+    for _ in range(200):
+        ad.tree_verified(4, 0)  # siblings never gain: no tree pays anywhere
+
+    def sizes(req, batch, cost):
+        ad.cost = cost
+        out = []
+        for _ in range(16):
+            ad.begin_step(batch)
+            for _ in range(200):
+                ad.lookup_verified(req, 5, 0)
+            out.append(ad.tree_nodes(req, 4, drafted=2))
+        return out
+
+    assert sizes("alone", 1, StepCost()).count((4, True)) == 2
+    assert sizes("unfitted", 16, StepCost()) == [(0, False)] * 16
+    # 16 requests, a 47 ms step: one request's share is about 2.9 ms.
+    assert sizes("dear", 16, _fitted_cost(row_ms=2.0)) == [(0, False)] * 16  # 4 rows: 8 ms
+    assert sizes("cheap", 16, _fitted_cost(row_ms=0.3)).count((4, True)) == 2  # 4 rows: 1.2 ms
+    # A probe held back by dear rows runs at the next affordable step.
+    assert sizes("dear", 1, StepCost())[0] == (4, True)
 
 
 def _tree_cost(off_row_ms: float) -> StepCost:

@@ -339,8 +339,9 @@ class DraftAdaptation:
         probe: as many as pay as main-chain nodes or as off-chain nodes (at a
         main-chain row's cost), so no tree is built where none could pay;
         ``max_nodes`` every ``probe_every`` steps where none does, so the
-        estimates keep being measured. ``tree_shape`` then sizes the tree
-        that was built."""
+        estimates keep being measured, where a probe is affordable
+        (``_probe_affordable``). ``tree_shape`` then sizes the tree that was
+        built."""
         if self.fixed or max_nodes <= 0:
             return max(0, max_nodes), False
         cost = self._tree_cost()
@@ -357,9 +358,25 @@ class DraftAdaptation:
             self._tree_skipped[req_id] = 0
             return best_n, False
         skipped = self._tree_skipped.get(req_id, 0) + 1
-        probe = skipped >= self.probe_every
+        probe = skipped >= self.probe_every and self._probe_affordable(cost, max_nodes)
         self._tree_skipped[req_id] = 0 if probe else skipped
         return (max_nodes, True) if probe else (0, False)
+
+    def _probe_affordable(self, cost: StepCost | None, nodes: int) -> bool:
+        """Whether a whole-tree probe of ``nodes`` rows may run in this step:
+        always alone in the batch; in a larger batch only where its measured
+        cost fit exists and says the probe's rows (priced as off-chain rows)
+        cost at most one request's share of the step. Where rows are dear
+        (a small model at high concurrency) no probe runs, and the engine
+        verifies what a linear draft verifies; the gains the probes measure
+        are engine-wide, so probes at smaller batches keep them current."""
+        if self._batch == 1:
+            return True
+        if cost is None or not cost.fitted(self._batch):
+            return False
+        base = cost.step(self._batch, self._extra, self._off)
+        more = cost.step(self._batch, self._extra + nodes, self._off + nodes) - base
+        return base > 0 and more <= base / self._batch
 
     def tree_shape(self, req_id: str, chain: int, off: int, probe: bool = False,
                    drafted: int = 0, kind: str = "lookup") -> tuple[int, int]:
