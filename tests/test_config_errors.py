@@ -265,6 +265,26 @@ def test_disable_by_batch_size_null_means_never_and_shortlist_false_is_kept(tiny
     assert _resolved(tiny_llama, {"method": "adadecode"})["disable_by_batch_size"] == 16
 
 
+def test_heads_folder_sets_full_head_check_unless_the_user_does(tiny_llama, tmp_path):
+    """A heads folder's config.json 'full_head_check' (shortlist
+    --draft-on-shortlist) is the default for engines using it; the user's
+    setting wins; a value that is not a boolean is refused at start, naming
+    the file's key."""
+    heads = ExitHeads.identity([2], 256,
+                               base_model_fingerprint=base_model_fingerprint(tiny_llama))
+    heads.metadata["full_head_check"] = False
+    heads.save(tmp_path / "wide")
+    spec = {"method": "adadecode", "heads": str(tmp_path / "wide")}
+    assert _resolved(tiny_llama, spec)["full_head_check"] is False
+    assert _resolved(tiny_llama, {**spec, "full_head_check": True})["full_head_check"] is True
+    assert _resolved(tiny_llama, {"method": "adadecode"})["full_head_check"] is True
+    heads.metadata["full_head_check"] = "no"
+    heads.save(tmp_path / "bad")
+    with pytest.raises(Exception, match=r"config.json 'full_head_check' must be true or false, "
+                                        r"got 'no'"):
+        _resolved(tiny_llama, {"method": "adadecode", "heads": str(tmp_path / "bad")})
+
+
 def test_ray_cpu_platform_plugin_is_off_without_its_variable(monkeypatch):
     from vllm_adadecode import raycpu
 

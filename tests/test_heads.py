@@ -194,3 +194,16 @@ def test_design_that_is_not_a_name_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdaDecodeConfigError, match=r"'design' must be one of .*got \['dxd'\]"):
         ExitHeads.load(tmp_path)
+
+
+def test_frequency_shortlist_weighs_each_source_equally_and_keeps_ids():
+    from vllm_adadecode.training.data import coverage, frequency_shortlist
+
+    big = torch.tensor([5] * 1000 + [6] * 3)  # a long source
+    small = torch.tensor([7, 7, 8])  # a short one counts as much
+    assert frequency_shortlist([big, small], 2).tolist() == [5, 7]
+    assert frequency_shortlist([big, small], 2, keep=torch.tensor([2])).tolist() == [2, 5, 7]
+    assert frequency_shortlist([big, small], 99).tolist() == [5, 6, 7, 8]  # only ids seen
+    assert coverage(torch.tensor([5, 6, 7, 9]), torch.tensor([5, 7])) == 0.5
+    with pytest.raises(ValueError, match="non-empty"):
+        frequency_shortlist([torch.tensor([], dtype=torch.int64)], 4)

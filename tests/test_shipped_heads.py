@@ -121,3 +121,17 @@ def test_the_15b_default_config_loads_the_05b_corpus(qwen15b, qwen05b):
         .create_engine_config()
     assert cfg.additional_config["adadecode"]["corpus"] == str(
         (SHIPPED_DIR / "Qwen2.5-Coder-0.5B-Instruct").resolve())
+
+
+def test_shortlist_text_comes_from_train_split_conversations_only():
+    """``shortlist --source text`` counts the replies of train-split ShareGPT
+    conversations; no eval-split conversation contributes."""
+    from vllm_adadecode import prompts as P
+
+    train, evals = P._sharegpt_split("train"), P._sharegpt_split("eval")
+    assert train and evals and not {p.text for p, _ in train} & {p.text for p, _ in evals}
+    replies = P.sharegpt_replies("train", 50)
+    assert len(replies) == 50 and all(isinstance(r, str) and r for r in replies)
+    first = [t.get("value") for _, conv in train for t in conv
+             if t.get("from") in ("gpt", "assistant", "chatgpt") and t.get("value")][:50]
+    assert replies == first

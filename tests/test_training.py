@@ -125,6 +125,35 @@ def test_shortlist_covers_held_out_tokens_and_rebuilds_identically(trained, tiny
     assert cfg2["training"]["shortlist_held_out_coverage"] == coverage
 
 
+def test_shortlist_from_shipped_text_widens_and_keeps_the_old_ids(trained, tiny_llama, tmp_path):
+    """``shortlist --source text`` counts ShareGPT's train-split replies (no
+    generation), keeps the folder's current ids, leaves the heads alone and
+    records how the list was made; it covers more eval-split reply tokens."""
+    import shutil
+
+    out, _, _ = trained
+    folder = tmp_path / "heads"
+    shutil.copytree(out, folder)
+    before = ExitHeads.load(folder)
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "shortlist", "--model", tiny_llama,
+         "--heads", str(folder), "--source", "text", "--size", "1024", "--text-replies", "400"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    after = ExitHeads.load(folder)
+    assert torch.isin(before.shortlist, after.shortlist).all()
+    assert torch.equal(after.shortlist, torch.unique(after.shortlist))
+    assert before.shortlist.numel() < after.shortlist.numel() <= before.shortlist.numel() + 1024
+    assert all(torch.equal(after.transforms[x], before.transforms[x])
+               for x in before.exit_layers)
+    src = json.loads((folder / "config.json").read_text())["shortlist_source"]
+    assert src["sharegpt_train_replies"] == 400 and src["sharegpt_reply_tokens"] > 10_000
+    assert src["kept_ids"] == before.shortlist.numel() and src["corpus"] is None
+    assert src["eval_reply_coverage"] > src["eval_reply_coverage_before"] + 0.1, src
+    assert "--source text" in src["command"]
+
+
 def test_responses_are_reused_per_prompt_for_another_prompt_list(trained, tiny_llama, capsys):
     """Every response is also kept by its prompt: a different list of already
     answered prompts (here reordered and cut) is assembled without generating,

@@ -397,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="HF model folder (default: packaged SmolLM2)")
     s.add_argument("--heads", required=True, help="heads folder written by train-heads")
     s.add_argument("--size", type=_non_negative, default=4096)
+    s.add_argument("--source", choices=("responses", "text"), default="responses",
+                   help="token frequencies from: the model's own training responses (as "
+                        "train-heads counts them; regenerated unless cached in --work-dir), "
+                        "or text that ships (ShareGPT's train-split replies and the heads' "
+                        "draft corpus), keeping the current shortlist's ids; no generation")
+    s.add_argument("--text-replies", type=int, default=20000,
+                   help="--source text: ShareGPT train-split replies to count")
+    s.add_argument("--draft-on-shortlist", action="store_true",
+                   help="also write \"full_head_check\": false into the folder's config.json: "
+                        "with these heads the engine drafts on the shortlist's top-1 unless "
+                        "the user sets full_head_check")
     s.add_argument("--held-out", type=float, default=0.1, help="as given to train-heads")
     s.add_argument("--concurrency", type=int, default=32)
     s.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")

@@ -264,6 +264,16 @@ def resolve(
     else:
         threshold = DEFAULT_THRESHOLD
 
+    if "full_head_check" not in merged and heads is not None \
+            and "full_head_check" in heads.metadata:
+        # A heads folder with a wide shortlist may draft on it (shortlist --draft-on-shortlist).
+        value = heads.metadata["full_head_check"]
+        if not isinstance(value, bool):
+            raise AdaDecodeConfigError(
+                f"adadecode heads folder {heads_path}: config.json 'full_head_check' must be "
+                f"true or false, got {value!r}")
+        merged["full_head_check"] = value
+
     num_spec = validate_num_speculative_tokens(
         merged.pop("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS))
     # Every other setting checks itself (settings.SETTINGS).

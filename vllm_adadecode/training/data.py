@@ -68,6 +68,31 @@ def build_shortlist(sequences, train_ids, held_ids, size: int):
     return torch.sort(ids).values, covered / max(1, len(held))
 
 
+def frequency_shortlist(sources: list[torch.Tensor], size: int,
+                        keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``size`` token ids of highest summed relative frequency over
+    ``sources`` (1-D token-id tensors, each weighted equally whatever its
+    length), together with the ids in ``keep``; sorted."""
+    sources = [t.to(torch.int64) for t in sources if t.numel()]
+    if not sources:
+        raise ValueError("a frequency shortlist needs at least one non-empty token source")
+    vocab = max(int(t.max()) for t in sources) + 1
+    freq = torch.zeros(vocab, dtype=torch.float64)
+    for t in sources:
+        counts = torch.bincount(t, minlength=vocab).double()
+        freq += counts / counts.sum()
+    order = torch.argsort(freq, descending=True, stable=True)
+    ids = order[: min(size, int((freq > 0).sum()))]
+    if keep is not None:
+        ids = torch.unique(torch.cat([ids, keep.to(torch.int64)]))
+    return torch.sort(ids).values
+
+
+def coverage(tokens: torch.Tensor, ids: torch.Tensor) -> float:
+    """The fraction of ``tokens`` whose id is in ``ids``."""
+    return float(torch.isin(tokens, ids).float().mean()) if tokens.numel() else 0.0
+
+
 def load_prompts(spec: str, limit: int | None, seed: int) -> list[Prompt]:
     """``spec``: comma-separated packaged sets (sharegpt, humaneval, mtbench; the
     train split) and/or JSONL files. ``limit`` caps the total, sampling ShareGPT

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..head_designs import DESIGNS, MAX_STALENESS
 from ..heads import ExitHeads, base_model_fingerprint
@@ -194,6 +195,8 @@ def shortlist_command(args) -> dict:
     """Add (or replace) the vocabulary shortlist of an existing heads folder,
     from the same responses its training used (cached in the work dir)."""
     heads = ExitHeads.load(args.heads)
+    if getattr(args, "source", "responses") == "text":
+        return _text_shortlist(args, heads)
     tr = heads.metadata.get("training")
     if not tr:
         raise SystemExit(f"{args.heads}: config.json has no 'training' record to rebuild "
@@ -208,10 +211,90 @@ def shortlist_command(args) -> dict:
     heads.shortlist, coverage = D.build_shortlist(seqs, train, held, args.size)
     heads.metadata["training"]["shortlist_held_out_coverage"] = coverage
     heads.metadata["training"]["shortlist_command"] = "vllm-adadecode " + " ".join(args.argv)
-    heads.save(args.heads)
+    if getattr(args, "draft_on_shortlist", False):
+        heads.metadata["full_head_check"] = False
+    heads.save(args.heads, dtype=_stored_dtype(args.heads))
     print(f"[shortlist] {args.heads}: {heads.shortlist.numel()} token ids, "
           f"covering {coverage:.3f} of held-out response tokens")
     return {"size": int(heads.shortlist.numel()), "held_out_coverage": coverage}
+
+
+def _text_shortlist(args, heads: ExitHeads) -> dict:
+    """``shortlist --source text``: the shortlist from token frequencies of text
+    that ships, with no generation: ShareGPT's assistant replies (train split)
+    and the draft corpus the heads' engine reads (the model family's own
+    responses), each weighted equally; the folder's current shortlist ids are
+    kept. A wider shortlist bounds a row's full-vocabulary confidence more
+    tightly, so drafting on it with ``"full_head_check": false`` keeps the
+    full check's precision (docs/performance/models.md). Coverage is measured
+    on eval-split replies."""
+    from transformers import AutoTokenizer
+
+    from .. import prompts as P
+    from ..config import _borrowed_corpus
+    from ..drafts.corpus import load_corpus_tokens
+
+    heads.check_base_model(args.model, hidden_size=heads.hidden_size)
+    tok = AutoTokenizer.from_pretrained(args.model)
+
+    def tokens(texts, what):
+        out = []
+        for s in tqdm(range(0, len(texts), 256), desc=f"[shortlist] tokenizing {what}",
+                      unit="batch"):
+            ids = tok(texts[s: s + 256], add_special_tokens=False)["input_ids"]
+            out.extend(t for r in ids for t in r)
+        return torch.tensor(out, dtype=torch.int64)
+
+    texts = P.sharegpt_replies("train", args.text_replies)
+    replies = tokens(texts, "ShareGPT replies")
+    sources = [replies]
+    folder = str(args.heads)
+    if "corpus_from" in heads.metadata:
+        folder = _borrowed_corpus(folder, heads.metadata["corpus_from"])
+    corpus = load_corpus_tokens(folder)
+    corpus_n = 0
+    if corpus is not None:
+        corpus = torch.from_numpy(corpus[corpus >= 0].astype("int64"))
+        corpus_n = int(corpus.numel())
+        sources.append(corpus)
+    old = heads.shortlist
+    heads.shortlist = D.frequency_shortlist(sources, args.size, keep=old)
+    held = tokens(P.sharegpt_replies("eval", max(1, args.text_replies // 20)), "eval replies")
+    cov_old = D.coverage(held, old) if old is not None else None
+    cov = D.coverage(held, heads.shortlist)
+    heads.metadata["shortlist_source"] = {
+        "sharegpt_train_replies": len(texts),
+        "sharegpt_reply_tokens": int(replies.numel()),
+        "corpus": (None if corpus is None
+                   else heads.metadata.get("corpus_from", "this folder's corpus")),
+        "corpus_tokens": corpus_n,
+        "kept_ids": None if old is None else int(old.numel()),
+        "eval_reply_coverage": cov,
+        "eval_reply_coverage_before": cov_old,
+        "command": "vllm-adadecode " + " ".join(args.argv),
+    }
+    if getattr(args, "draft_on_shortlist", False):
+        heads.metadata["full_head_check"] = False
+    heads.save(args.heads, dtype=_stored_dtype(args.heads))
+    print(f"[shortlist] {args.heads}: {heads.shortlist.numel()} token ids, covering "
+          f"{cov:.3f} of eval-split ShareGPT reply tokens"
+          + (f" (before: {old.numel()} ids, {cov_old:.3f})" if old is not None else ""))
+    return {"size": int(heads.shortlist.numel()), "eval_reply_coverage": cov,
+            "eval_reply_coverage_before": cov_old}
+
+
+def _stored_dtype(folder) -> torch.dtype:
+    """The storage dtype of a heads folder's tensors (shipped heads: fp16)."""
+    from safetensors import safe_open
+
+    from ..heads import WEIGHTS_FILE
+
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32
 
 
 def corpus_command(args) -> dict:
@@ -235,7 +318,7 @@ def corpus_command(args) -> dict:
             "tokens": table.num_tokens, "contexts": len(table),
             "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()}"}
     heads.metadata["corpus"] = info
-    heads.save(args.heads)
+    heads.save(args.heads, dtype=_stored_dtype(args.heads))
     print(f"[corpus] {path}: {table.num_tokens} tokens from {len(prompts)} responses, "
           f"{len(table)} contexts, in {info['seconds']:.0f} s")
     return info
