@@ -7,7 +7,8 @@ tokens, concurrency 1, compiled), alternating the order every round.
 
 Engines: vanilla; vanilla_async_off (async_scheduling=False; vLLM's CPU
 platform turns it off anyway); ada_nodrafts (AdaDecode with lookups and
-self-drafts off: no drafts at all); ada (defaults); vanilla_timed (vanilla with
+self-drafts off: no drafts at all); ada (defaults); ada_tree (defaults with
+``"tree": true``); vanilla_timed (vanilla with
 the bench's step timers wrapped around the runner's methods); and each with
 _malloc (glibc's allocator with fixed thresholds). Add --in-process to run each
 engine's core in its job's process; --eager, --concurrency and --num-prompts
@@ -24,7 +25,7 @@ import json
 
 from vllm_adadecode.bench.worker import run_job
 from vllm_adadecode.models import packaged_model_dir
-from vllm_adadecode.prompts import mixed
+from vllm_adadecode.prompts import load, mixed
 
 ENGINES = {
     "vanilla": {},
@@ -32,6 +33,7 @@ ENGINES = {
     "ada_nodrafts": {"speculative_config": {"method": "adadecode", "lookup": False,
                                             "self_draft": False}},
     "ada": {"speculative_config": {"method": "adadecode"}},
+    "ada_tree": {"speculative_config": {"method": "adadecode", "tree": True}},
     # vanilla with the bench's step timers wrapped around the runner's methods:
     # the same work, a few more Python frames on the worker's stack
     "vanilla_timed": {"step_timers": True},
@@ -52,9 +54,13 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--dataset", default="mixed",
+                    help="mixed, or one packaged eval set (humaneval, mtbench, sharegpt)")
     ap.add_argument("--log", default="plain_step_gap.log")
     args = ap.parse_args()
-    base = dict(model=str(packaged_model_dir()), prompts=[p.text for p in mixed(args.num_prompts)],
+    prompts = (mixed(args.num_prompts) if args.dataset == "mixed"
+               else load(args.dataset, "eval")[: args.num_prompts])
+    base = dict(model=str(packaged_model_dir()), prompts=[p.text for p in prompts],
                 max_tokens=args.max_tokens, concurrency=args.concurrency, dtype="float32",
                 enforce_eager=args.eager, seed=0,
                 progress=False, in_process=args.in_process)
