@@ -60,12 +60,8 @@ def build_shortlist(sequences, train_ids, held_ids, size: int):
     def tokens(ids):
         return torch.tensor([t for k in ids for t in sequences[int(k)][1]], dtype=torch.int64)
 
-    counts = torch.bincount(tokens(train_ids))
-    order = torch.argsort(counts, descending=True, stable=True)
-    ids = order[: min(size, int((counts > 0).sum()))]
-    held = tokens(held_ids)
-    covered = int(torch.isin(held, ids).sum())
-    return torch.sort(ids).values, covered / max(1, len(held))
+    ids = frequency_shortlist([tokens(train_ids)], size)
+    return ids, coverage(tokens(held_ids), ids)
 
 
 def frequency_shortlist(sources: list[torch.Tensor], size: int,

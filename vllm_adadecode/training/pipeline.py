@@ -213,7 +213,7 @@ def shortlist_command(args) -> dict:
     heads.metadata["training"]["shortlist_command"] = "vllm-adadecode " + " ".join(args.argv)
     if getattr(args, "draft_on_shortlist", False):
         heads.metadata["full_head_check"] = False
-    heads.save(args.heads, dtype=_stored_dtype(args.heads))
+    heads.save(args.heads, dtype=_stored_dtype(heads))
     print(f"[shortlist] {args.heads}: {heads.shortlist.numel()} token ids, "
           f"covering {coverage:.3f} of held-out response tokens")
     return {"size": int(heads.shortlist.numel()), "held_out_coverage": coverage}
@@ -275,7 +275,7 @@ def _text_shortlist(args, heads: ExitHeads) -> dict:
     }
     if getattr(args, "draft_on_shortlist", False):
         heads.metadata["full_head_check"] = False
-    heads.save(args.heads, dtype=_stored_dtype(args.heads))
+    heads.save(args.heads, dtype=_stored_dtype(heads))
     print(f"[shortlist] {args.heads}: {heads.shortlist.numel()} token ids, covering "
           f"{cov:.3f} of eval-split ShareGPT reply tokens"
           + (f" (before: {old.numel()} ids, {cov_old:.3f})" if old is not None else ""))
@@ -283,18 +283,10 @@ def _text_shortlist(args, heads: ExitHeads) -> dict:
             "eval_reply_coverage_before": cov_old}
 
 
-def _stored_dtype(folder) -> torch.dtype:
-    """The storage dtype of a heads folder's tensors (shipped heads: fp16)."""
-    from safetensors import safe_open
-
-    from ..heads import WEIGHTS_FILE
-
-    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            if t.is_floating_point():
-                return t.dtype
-    return torch.float32
+def _stored_dtype(heads: ExitHeads) -> torch.dtype:
+    """The dtype a loaded heads folder stores its heads in (shipped heads: fp16);
+    ``ExitHeads.load`` keeps it, so a rewrite keeps it too."""
+    return next(iter(heads.transforms.values())).dtype
 
 
 def corpus_command(args) -> dict:
@@ -318,7 +310,7 @@ def corpus_command(args) -> dict:
             "tokens": table.num_tokens, "contexts": len(table),
             "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()}"}
     heads.metadata["corpus"] = info
-    heads.save(args.heads, dtype=_stored_dtype(args.heads))
+    heads.save(args.heads, dtype=_stored_dtype(heads))
     print(f"[corpus] {path}: {table.num_tokens} tokens from {len(prompts)} responses, "
           f"{len(table)} contexts, in {info['seconds']:.0f} s")
     return info
