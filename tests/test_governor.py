@@ -1,6 +1,6 @@
 """The back-off governor, driven by a simulated clock."""
 
-from vllm_adadecode.drafts.governor import Governor
+from vllm_adadecode.drafts.governor import Governor, lookup_like_run
 
 
 def simulate(gov: Governor, steps: int, batch: int, step_s: dict[bool, float],
@@ -108,22 +108,10 @@ def test_rare_deep_accepts_pay_although_most_drafting_steps_lose():
     """Lookup-like drafts: 75% of drafting steps are rejected (1 token, 15%
     slower), 25% accepted 4 deep (5 tokens, 20% slower). The median pair
     loses; the throughput is 1.8 / 1.16 = 1.55x, so drafting is kept."""
-    import random
-
     kept = 0
     for seed in range(20):
-        rng = random.Random(seed)
         gov = Governor(explore_every=16)
-        t, emitted, choices = 0.0, 0, []
-        for _ in range(600):
-            choice = gov.decide(t, emitted, 1)
-            choices.append(choice)
-            if choice and rng.random() < 0.25:
-                t, emitted = t + 0.048, 5
-            elif choice:
-                t, emitted = t + 0.046, 1
-            else:
-                t, emitted = t + 0.040, 1
+        _, choices = lookup_like_run(gov, 600, 0.25, seed)
         kept += sum(choices[100:]) / 500 > 0.85 and gov.paired_ratio(1) > 1.1
     # A bucket that sees no accepted draft in its first 12 (probability
     # 0.75 ** 12 = 3%) may back off for longer; 18 of 20 must keep drafting.
@@ -249,21 +237,10 @@ def test_the_early_verdict_costs_nothing_where_drafting_loses_a_little():
     early verdict drafts on at most 3% more of the steps than twelve pairs of
     learning did (about 1.5% more, measured), and emits within 0.5% as many
     tokens per second (0.1% fewer, measured)."""
-    import random
-
     def run(early_pairs, seed):
-        rng = random.Random(seed)
-        gov = Governor(explore_every=16, early_pairs=early_pairs)
-        t, emitted, tokens, drafted = 0.0, 0, 0, 0
-        for _ in range(1000):
-            choice = gov.decide(t, emitted, 1)
-            drafted += choice
-            if choice and rng.random() < 0.02:
-                t, emitted = t + 0.048, 5
-            else:
-                t, emitted = t + (0.046 if choice else 0.040), 1
-            tokens += emitted
-        return tokens / t, drafted
+        rate, choices = lookup_like_run(Governor(explore_every=16, early_pairs=early_pairs),
+                                        1000, 0.02, seed)
+        return rate, sum(choices)
 
     early = [run(4, s) for s in range(100)]
     learned = [run(12, s) for s in range(100)]

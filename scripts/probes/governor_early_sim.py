@@ -5,25 +5,15 @@ drafting step 15% slower than a 40 ms plain step). 300 seeds.
 
     python scripts/probes/governor_early_sim.py
 """
-import random
 import statistics
 
-from vllm_adadecode.drafts.governor import Governor
+from vllm_adadecode.drafts.governor import Governor, lookup_like_run
 
 
 def run(early_pairs, seed, steps, p):
-    rng = random.Random(seed)
-    gov = Governor(explore_every=16, early_pairs=early_pairs)
-    t, emitted, tokens, drafted = 0.0, 0, 0, 0
-    for _ in range(steps):
-        c = gov.decide(t, emitted, 1)
-        drafted += c
-        if c and rng.random() < p:
-            t, emitted = t + 0.048, 5
-        else:
-            t, emitted = t + (0.046 if c else 0.040), 1
-        tokens += emitted
-    return tokens / t, drafted
+    rate, choices = lookup_like_run(Governor(explore_every=16, early_pairs=early_pairs), steps,
+                                    p, seed)
+    return rate, sum(choices)
 
 
 for p in (0.0, 0.02):

@@ -250,3 +250,26 @@ class Governor:
                 "recheck_every": self.interval.get(b, self.explore_every),
             }
         return out
+
+
+def lookup_like_run(gov: Governor, steps: int, accept_p: float, seed: int, *,
+                    plain_s: float = 0.040, draft_s: float = 0.046,
+                    accepted_s: float = 0.048, accepted_tokens: int = 5) -> tuple[float, list[bool]]:
+    """Drive ``gov`` at batch 1 on a simulated clock with lookup-like drafts: a
+    drafting step is accepted ``accepted_tokens`` deep with probability
+    ``accept_p`` (taking ``accepted_s``), else rejected (``draft_s``, slower
+    than a plain step's ``plain_s``). Returns (tokens per second, each step's
+    choice: True where it drafted). The back-off's tests and its probe (scripts/probes) share it."""
+    import random
+
+    rng = random.Random(seed)
+    t, emitted, tokens, choices = 0.0, 0, 0, []
+    for _ in range(steps):
+        choice = gov.decide(t, emitted, 1)
+        choices.append(choice)
+        if choice and rng.random() < accept_p:
+            t, emitted = t + accepted_s, accepted_tokens
+        else:
+            t, emitted = t + (draft_s if choice else plain_s), 1
+        tokens += emitted
+    return tokens / t, choices
