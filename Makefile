@@ -8,7 +8,7 @@ setup:
 demo: setup
 	.venv/bin/vllm-adadecode demo
 
-# The default suite (CI): 24-28 minutes on a 2-core machine, set-up included.
+# The default suite (CI): 21-28 minutes on a 2-core machine, set-up included.
 test: setup
 	$(PYTEST)
 
