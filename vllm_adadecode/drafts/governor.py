@@ -56,6 +56,7 @@ from 1 (by ``settled_margin`` or more) doubles the bucket's interval, up to
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections import Counter, deque
 
@@ -254,14 +255,14 @@ class Governor:
 
 def lookup_like_run(gov: Governor, steps: int, accept_p: float, seed: int, *,
                     plain_s: float = 0.040, draft_s: float = 0.046,
-                    accepted_s: float = 0.048, accepted_tokens: int = 5) -> tuple[float, list[bool]]:
+                    accepted_s: float = 0.048,
+                    accepted_tokens: int = 5) -> tuple[float, list[bool]]:
     """Drive ``gov`` at batch 1 on a simulated clock with lookup-like drafts: a
     drafting step is accepted ``accepted_tokens`` deep with probability
     ``accept_p`` (taking ``accepted_s``), else rejected (``draft_s``, slower
     than a plain step's ``plain_s``). Returns (tokens per second, each step's
-    choice: True where it drafted). The back-off's tests and its probe (scripts/probes) share it."""
-    import random
-
+    choice: True where it drafted). The back-off's tests and its probe
+    (scripts/probes) share it."""
     rng = random.Random(seed)
     t, emitted, tokens, choices = 0.0, 0, 0, []
     for _ in range(steps):
