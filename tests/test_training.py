@@ -302,31 +302,79 @@ def test_eval_heads_reports_a_version_2_design(design_feats, trained, tiny_llama
     assert report["predicted"]["humaneval"]["heads_config"]["speedup"] > 0
 
 
-def test_corpus_command_writes_a_corpus_from_cached_responses(trained, tiny_llama, tmp_path):
-    """`vllm-adadecode corpus` end to end at CI size: the training prompts'
-    responses are already cached, so no engine starts; the heads folder gains
-    a corpus whose tokens are those responses, and its config records how."""
+@pytest.fixture(scope="module")
+def with_corpus(trained, tiny_llama, tmp_path_factory):
+    """A copy of the trained heads folder, given a corpus by `vllm-adadecode
+    corpus` from the training prompts' cached responses."""
     import shutil
 
-    from vllm_adadecode.drafts.corpus import DraftCorpus, load_corpus_tokens
-    from vllm_adadecode.training.data import load_sequences
-
     out, work, _ = trained
-    heads = tmp_path / "heads"
+    root = tmp_path_factory.mktemp("corpus")
+    heads = root / "heads"
     shutil.copytree(out, heads)
     res = subprocess.run(
         [sys.executable, "-m", "vllm_adadecode.cli", "corpus", "--model", tiny_llama,
          "--heads", str(heads), "--data", "humaneval,mtbench", "--num-prompts", "40",
-         "--max-tokens", "48", "--work-dir", str(work), "--log", str(tmp_path / "engine.log")],
+         "--max-tokens", "48", "--work-dir", str(work), "--log", str(root / "engine.log")],
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "generating" not in res.stdout
+    return heads, res.stdout
+
+
+def test_corpus_command_writes_a_corpus_from_cached_responses(trained, with_corpus, tiny_llama):
+    """`vllm-adadecode corpus` end to end at CI size: the training prompts'
+    responses are already cached, so no engine starts; the heads folder gains
+    a corpus whose tokens are those responses, and its config records how."""
+    from vllm_adadecode.drafts.corpus import DraftCorpus, load_corpus_tokens
+    from vllm_adadecode.training.data import load_sequences
+
+    out, work, _ = trained
+    heads, stdout = with_corpus
+    assert "generating" not in stdout
     seqs = load_sequences(str(next(Path(work).glob("sequences-*.jsonl"))))
     tokens = load_corpus_tokens(heads)
     assert DraftCorpus(tokens).num_tokens == sum(len(r) for _, r in seqs)
     info = json.loads((heads / "config.json").read_text())["corpus"]
     assert info["num_prompts"] == 40 and info["tokens"] == sum(len(r) for _, r in seqs)
     assert ExitHeads.load(heads).exit_layers == ExitHeads.load(out).exit_layers  # heads kept
+
+
+def test_corpus_answers_pair_with_their_prompts_as_vllm_tokenized_them(trained, with_corpus,
+                                                                        tiny_llama):
+    """`train-heads --text-corpus` reads a corpus back as (prompt, answer)
+    pairs: the corpus record's prompts in the model's chat template, tokenized
+    as vLLM tokenized them when it wrote the answers; a token cap stops early."""
+    from vllm_adadecode.training.data import corpus_sequences, load_sequences
+
+    _, work, _ = trained
+    heads, _ = with_corpus
+    generated = load_sequences(str(next(Path(work).glob("sequences-*.jsonl"))))
+    pairs = corpus_sequences(tiny_llama, str(heads))
+    kept = [(p, r) for p, r in generated if r]
+    assert len(pairs) == len(kept) == 40
+    assert pairs == [(list(p), list(r)) for p, r in kept]
+    capped = corpus_sequences(tiny_llama, str(heads), limit_tokens=100)
+    assert 0 < sum(len(r) for _, r in capped) <= 100 and capped == pairs[:len(capped)]
+
+
+def test_train_heads_on_a_corpus_alone_with_a_sampled_softmax(with_corpus, tiny_llama, tmp_path):
+    """`train-heads --num-prompts 0 --text-corpus`: no generation, the
+    corpus's answers teacher-forced, trained over a sampled vocabulary; the
+    heads lower held-out KL and the config records the data and the softmax."""
+    heads, _ = with_corpus
+    out = tmp_path / "text_heads"
+    res = subprocess.run(
+        [sys.executable, "-m", "vllm_adadecode.cli", "train-heads", "--model", tiny_llama,
+         "--out", str(out), "--work-dir", str(tmp_path / "work"), "--num-prompts", "0",
+         "--text-corpus", str(heads), "--exit-layers", "2", "--epochs", "3", "--batch", "128",
+         "--held-out", "0.2", "--train-vocab", "1024", "--negatives", "512"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "generating" not in res.stdout and "teacher-forced" in res.stdout
+    tr = json.loads((out / "config.json").read_text())["training"]
+    assert tr["text_answers"] == 40 and tr["train_vocab"] == 1024 and tr["negatives"] == 512
+    assert tr["held_out_kl"]["trained"]["2"] < 0.98 * tr["held_out_kl"]["identity"]["2"]
+    assert ExitHeads.load(out).exit_layers == [2]
 
 
 @pytest.mark.full

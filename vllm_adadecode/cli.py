@@ -388,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shortlist", type=_non_negative, default=4096,
                    help="vocabulary shortlist size for screening exit checks: the most "
                         "frequent tokens of the training responses (0: none)")
+    t.add_argument("--text-corpus", default=None,
+                   help="also train on a draft corpus's answers, teacher-forced (no "
+                        "generation): a heads folder holding a corpus, or a shipped heads "
+                        "folder's name, of a model with the same tokenizer")
+    t.add_argument("--text-tokens", type=_non_negative, default=None,
+                   help="at most this many answer tokens from --text-corpus (default: all)")
+    t.add_argument("--train-vocab", type=_non_negative, default=0,
+                   help="train over the N most frequent training tokens plus --negatives "
+                        "others drawn each step (a sampled softmax; 0: the whole vocabulary)")
+    t.add_argument("--negatives", type=_non_negative, default=4096,
+                   help="tokens drawn each step besides --train-vocab's")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")
     t.add_argument("--log", help="append engine logs here")

@@ -181,3 +181,52 @@ def collect_features(hf_model, sequences, layers: list[int], *, desc="hidden sta
         seq_ids.append(torch.full((stop - start,), k, dtype=torch.int32))
     return Features(list(layers), torch.cat(hidden).float(), torch.cat(final).float(),
                     torch.cat(seq_ids))
+
+
+def corpus_sequences(model_dir: str, corpus: str, *, max_tokens: int | None = None,
+                     limit_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt token ids, response token ids) of a draft corpus's answers, for
+    teacher-forced training with no generation.
+
+    ``corpus``: a heads folder (or a shipped heads folder's name) holding a
+    corpus file and the ``corpus`` record its ``vllm-adadecode corpus`` run
+    wrote in config.json. That record's prompts are loaded again in the same
+    order and paired with the corpus's answers (one per separator), each
+    prompt in ``model_dir``'s chat template, so the corpus must come from a
+    model with the same tokenizer. Refused when the counts differ. Answers are cut at
+    ``max_tokens``; sequences stop once ``limit_tokens`` answer tokens are kept."""
+    from transformers import AutoTokenizer
+
+    from ..config import _corpus_folder
+    from ..drafts.corpus import SEPARATOR, load_corpus_tokens
+    from ..errors import AdaDecodeConfigError
+
+    try:
+        folder = Path(_corpus_folder(corpus))
+    except AdaDecodeConfigError as e:
+        raise SystemExit(f"--text-corpus: {e}") from None
+    meta = json.loads((folder / "config.json").read_text()) \
+        if (folder / "config.json").is_file() else {}
+    rec = meta.get("corpus")
+    if not rec or not {"data", "num_prompts", "seed"} <= rec.keys():
+        raise SystemExit(f"--text-corpus {folder}: config.json has no 'corpus' record "
+                         "(data, num_prompts, seed) to recover the corpus's prompts from")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tokens = load_corpus_tokens(folder, len(tok))
+    cuts = [i for i, t in enumerate(tokens.tolist()) if t == SEPARATOR]
+    answers = [tokens[a + 1: b].tolist() for a, b in zip([-1] + cuts[:-1], cuts)]
+    prompts = load_prompts(rec["data"], rec["num_prompts"], rec["seed"])
+    if len(prompts) != len(answers):
+        raise SystemExit(f"--text-corpus {folder}: {len(answers)} answers in the corpus but "
+                         f"{len(prompts)} prompts in its record; the corpus was not written "
+                         "by that record's command")
+    out, kept = [], 0
+    for p, a in zip(prompts, answers):
+        a = a[:max_tokens] if max_tokens else a
+        if limit_tokens is not None and kept + len(a) > limit_tokens:
+            break
+        chat = tok.apply_chat_template([{"role": "user", "content": p.text}],
+                                       add_generation_prompt=True, tokenize=False)
+        out.append((tok.encode(chat), a))  # as vLLM tokenizes a text prompt
+        kept += len(a)
+    return out

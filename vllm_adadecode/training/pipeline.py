@@ -87,6 +87,15 @@ def train_command(args) -> dict:
     seqs = sequences_for(model, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency,
                          seed=args.seed, cache_dir=cache_dir, log_path=args.log)
     t_gen = time.time() - t_start
+    text = []
+    if args.text_corpus:
+        text = D.corpus_sequences(model, args.text_corpus, limit_tokens=args.text_tokens)
+        print(f"[train-heads] {len(text)} answers of the corpus {args.text_corpus} "
+              f"({sum(len(r) for _, r in text)} tokens), teacher-forced", flush=True)
+        seqs = list(seqs) + text
+    if not seqs:
+        raise SystemExit("train-heads: no training sequences (--num-prompts 0 needs "
+                         "--text-corpus)")
 
     auto = args.exit_layers == "auto"
     if auto:
@@ -140,8 +149,12 @@ def train_command(args) -> dict:
     cols = [layers.index(x) for x in chosen]
     train = D.Features(chosen, train.hidden[:, cols], train.final, train.seq_ids)
     held = D.Features(chosen, held.hidden[:, cols], held.final, held.seq_ids)
+    vocab = None
+    if args.train_vocab:
+        vocab, _ = D.build_shortlist(seqs, torch.unique(train.seq_ids),
+                                     torch.unique(held.seq_ids), args.train_vocab)
     transforms = train_heads(head, train, chosen, epochs=args.epochs, batch=args.batch,
-                             lr=args.lr, seed=args.seed)
+                             lr=args.lr, seed=args.seed, vocab=vocab, negatives=args.negatives)
     shortlist, coverage = None, None
     if args.shortlist:
         shortlist, coverage = D.build_shortlist(seqs, torch.unique(train.seq_ids),
@@ -159,6 +172,10 @@ def train_command(args) -> dict:
             "command": "vllm-adadecode " + " ".join(args.argv),
             "data": args.data,
             "num_prompts": len(prompts),
+            "text_corpus": args.text_corpus,
+            "text_answers": len(text),
+            "train_vocab": None if vocab is None else len(vocab),
+            "negatives": None if vocab is None else args.negatives,
             "max_tokens": args.max_tokens,
             "tokens": {"train": len(train), "held_out": len(held)},
             "seed": args.seed,
@@ -347,6 +364,9 @@ def eval_command(args) -> dict:
 
     heads = ExitHeads.load(args.heads)
     heads.check_base_model(args.model, hidden_size=_model_config(args.model)["hidden_size"])
+    # judged in fp32, as the features are (shipped heads are stored in fp16)
+    heads.transforms = {x: t.float() for x, t in heads.transforms.items()}
+    heads.extra = {x: {k: v.float() for k, v in e.items()} for x, e in heads.extra.items()}
     prompts, dataset_of = [], []
     for name in args.data.split(","):
         name = name.strip()

@@ -74,24 +74,51 @@ def _schedule(params: dict, lr: float, epochs: float, batch: int, n: int, g: tor
     return opt, sched, batches(), steps
 
 
+class _SampledVocab:
+    """A sampled softmax's head for each step: the ``vocab`` token ids plus
+    ``negatives`` others drawn afresh (every token's logit is still pushed
+    down now and then); the whole head when ``vocab`` is None."""
+
+    def __init__(self, head: FrozenHead, vocab: torch.Tensor | None, negatives: int,
+                 g: torch.Generator):
+        self.head, self.vocab, self.negatives, self.g = head, vocab, negatives, g
+        self.others = None
+        if vocab is not None:
+            keep = torch.ones(head.lm_head.shape[0], dtype=torch.bool)
+            keep[vocab] = False
+            self.others = keep.nonzero().flatten()
+
+    def draw(self) -> FrozenHead:
+        if self.others is None:
+            return self.head
+        drawn = self.others[torch.randperm(len(self.others), generator=self.g)[:self.negatives]]
+        return self.head.restricted(torch.cat([self.vocab, drawn]))
+
+
 def train_heads(head: FrozenHead, feats: Features, layers: list[int], *, epochs: float = 2.0,
                 batch: int = 512, lr: float = 1e-3, seed: int = 0,
+                vocab: torch.Tensor | None = None, negatives: int = 4096,
                 desc: str = "training exit heads") -> dict[int, torch.Tensor]:
-    """Adam on every T_i at once (each head's loss only touches its own T_i)."""
+    """Adam on every T_i at once (each head's loss only touches its own T_i).
+    The KL is over the whole vocabulary, or a sampled softmax over ``vocab``
+    and ``negatives`` others (``_SampledVocab``)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     d = feats.final.shape[1]
     cols = [feats.layers.index(x) for x in layers]
     params = {x: torch.nn.Parameter(torch.eye(d)) for x in layers}
     opt, sched, batches, steps = _schedule(params, lr, epochs, batch, len(feats), g)
+    sampled = _SampledVocab(head, vocab, negatives, g)
     bar = tqdm(batches, total=steps, desc=desc, unit="step")
     for idx in bar:
+        step_head = sampled.draw()
         with torch.no_grad():
-            final_logits = head.final_logits(feats.final[idx])
+            final_logits = step_head.final_logits(feats.final[idx])
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for x, c in zip(layers, cols):
-            loss = kl_final_to_exit(final_logits, head.exit_logits(feats.hidden[idx, c], params[x]))
+            loss = kl_final_to_exit(final_logits,
+                                    step_head.exit_logits(feats.hidden[idx, c], params[x]))
             loss.backward()
             total += loss.item()
         opt.step()
@@ -111,11 +138,7 @@ def train_design(head: FrozenHead, feats: Features, layer: int, design: Design, 
     state at an age drawn from 1..MAX_STALENESS per row, as the drafts of one
     step do."""
     g = torch.Generator().manual_seed(seed)
-    others = None
-    if vocab is not None:
-        keep = torch.ones(head.lm_head.shape[0], dtype=torch.bool)
-        keep[vocab] = False
-        others = keep.nonzero().flatten()
+    sampled = _SampledVocab(head, vocab, negatives, g)
     col = feats.layers.index(layer)
     hidden = feats.hidden[:, col]
     d = feats.final.shape[1]
@@ -126,10 +149,7 @@ def train_design(head: FrozenHead, feats: Features, layer: int, design: Design, 
     for idx in bar:
         age = torch.randint(1, MAX_STALENESS + 1, (len(idx),), generator=g)
         ctx = context_rows(design, hidden, feats.final, feats.seq_ids, idx, staleness=age)
-        step_head = head
-        if others is not None:
-            drawn = others[torch.randperm(len(others), generator=g)[:negatives]]
-            step_head = head.restricted(torch.cat([vocab, drawn]))
+        step_head = sampled.draw()
         with torch.no_grad():
             final_logits = step_head.final_logits(feats.final[idx])
         opt.zero_grad(set_to_none=True)
