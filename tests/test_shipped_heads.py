@@ -14,7 +14,7 @@ from vllm_adadecode.heads import SHIPPED_DIR, ExitHeads, base_model_fingerprint
 SHIPPED = [("SmolLM2-135M-Instruct", "smollm2", 576, 49152, 4096, 10 * 2**20),
            ("Qwen2.5-Coder-0.5B-Instruct", "qwen05b", 896, 151936, 1423, 10 * 2**20),
            # three 1536 x 1536 heads, stored in fp16
-           ("Qwen2.5-Coder-1.5B-Instruct", "qwen15b", 1536, 151936, 1804, 15 * 2**20)]
+           ("Qwen2.5-Coder-1.5B-Instruct", "qwen15b", 1536, 151936, 4500, 15 * 2**20)]
 WITH_CORPUS = [s for s in SHIPPED if (SHIPPED_DIR / s[0] / "corpus.safetensors").is_file()]
 
 
@@ -64,6 +64,10 @@ def test_training_prompts_are_disjoint_from_every_evaluated_prompt(name):
     t = json.loads((SHIPPED_DIR / name / "config.json").read_text())["training"]
     train = load_prompts(t["data"], t["num_prompts"], t["seed"])
     assert len(train) == t["num_prompts"]
+    if t.get("text_corpus"):  # heads trained on a corpus's answers: that corpus's prompts too
+        c = json.loads((SHIPPED_DIR / t["text_corpus"] / "config.json").read_text())["corpus"]
+        train += load_prompts(c["data"], c["num_prompts"], c["seed"])
+        assert len(train) > t["num_prompts"]
     evaluated = {p.text for p in P.humaneval("eval") + P.mtbench("eval") + P.sharegpt("eval")}
     assert evaluated and not evaluated & {p.text for p in train}
 

@@ -173,6 +173,7 @@ def train_command(args) -> dict:
             "data": args.data,
             "num_prompts": len(prompts),
             "text_corpus": args.text_corpus,
+            "text_tokens": args.text_tokens,
             "text_answers": len(text),
             "train_vocab": None if vocab is None else len(vocab),
             "negatives": None if vocab is None else args.negatives,
@@ -222,6 +223,9 @@ def shortlist_command(args) -> dict:
     prompts = D.load_prompts(tr["data"], tr["num_prompts"], tr["seed"])
     seqs = sequences_for(model, prompts, max_tokens=tr["max_tokens"], concurrency=args.concurrency,
                          seed=tr["seed"], cache_dir=Path(args.work_dir), log_path=args.log)
+    if tr.get("text_corpus"):  # as train_command appends them
+        seqs = list(seqs) + D.corpus_sequences(model, tr["text_corpus"],
+                                               limit_tokens=tr.get("text_tokens"))
     usable = D.usable_sequence_ids(seqs)
     held = D.held_out_sequences(usable, args.held_out, tr["seed"])
     train = usable[~torch.isin(usable, held)]
