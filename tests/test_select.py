@@ -88,3 +88,22 @@ def test_cost_model_follows_the_packaged_model_and_flags_override_fields():
     got = _cost_model(args)
     assert got.check_ms == 2.5
     assert got.layer_ms == MEASURED_COSTS["Qwen2.5-Coder-0.5B-Instruct"].layer_ms
+
+
+def test_exit_stats_judge_fp16_stored_heads_as_their_fp32_values():
+    """Shipped heads are stored in fp16 and features are fp32: eval-heads and
+    compare-heads judge such a head exactly as the same values in fp32."""
+    from vllm_adadecode.training.data import Features
+    from vllm_adadecode.training.evaluate import exit_stats
+    from vllm_adadecode.training.train import FrozenHead
+
+    g = torch.Generator().manual_seed(0)
+    d, v, n = 16, 50, 40
+    head = FrozenHead(torch.randn(v, d, generator=g), torch.ones(d), 1e-6)
+    feats = Features([1], torch.randn(n, 1, d, generator=g), torch.randn(n, d, generator=g),
+                     torch.zeros(n, dtype=torch.int32))
+    t16 = (torch.eye(d) + 0.1 * torch.randn(d, d, generator=g)).half()
+    got = exit_stats(head, feats, {1: t16})[1]
+    want = exit_stats(head, feats, {1: t16.float()})[1]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert got["right"].any() and not torch.equal(got["kl"], exit_stats(head, feats, {1: None})[1]["kl"])

@@ -36,6 +36,10 @@ def exit_stats(head: FrozenHead, feats: Features, transforms: dict[int, torch.Te
     head; other designs' tensors come in ``extra``; a ``final_state`` head reads
     the final state ``staleness`` positions back."""
     des = DESIGNS[design]
+    # judged in the features' dtype (fp32), whatever the heads are stored in (shipped: fp16)
+    params_of = {x: {k: v.to(feats.hidden.dtype)
+                     for k, v in {"transform": t, **(extra or {}).get(x, {})}.items()}
+                 for x, t in transforms.items() if t is not None}
     out = {x: {"conf": [], "right": [], "kl": [], "rank": []} for x in transforms}
     for s in range(0, len(feats), batch):
         rows = torch.arange(s, min(s + batch, len(feats)))
@@ -48,10 +52,9 @@ def exit_stats(head: FrozenHead, feats: Features, transforms: dict[int, torch.Te
             if transforms[x] is None:
                 logits = head.logits(h)
             else:
-                params = {"transform": transforms[x], **(extra or {}).get(x, {})}
                 ctx = context_rows(des, feats.hidden[:, j], feats.final, feats.seq_ids, rows,
                                    staleness=staleness)
-                logits = head.logits(des.apply(params, h, ctx))
+                logits = head.logits(des.apply(params_of[x], h, ctx))
             logq = logits.float().log_softmax(-1)
             c, tok = logq.max(-1)
             logp = final_logits.float().log_softmax(-1)

@@ -368,9 +368,6 @@ def eval_command(args) -> dict:
 
     heads = ExitHeads.load(args.heads)
     heads.check_base_model(args.model, hidden_size=_model_config(args.model)["hidden_size"])
-    # judged in fp32, as the features are (shipped heads are stored in fp16)
-    heads.transforms = {x: t.float() for x, t in heads.transforms.items()}
-    heads.extra = {x: {k: v.float() for k, v in e.items()} for x, e in heads.extra.items()}
     prompts, dataset_of = [], []
     for name in args.data.split(","):
         name = name.strip()
