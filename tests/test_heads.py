@@ -129,6 +129,37 @@ def test_shortlist_round_trips_and_bad_shortlist_is_refused(tmp_path):
         ExitHeads.load(bad)
 
 
+def test_heads_defaults_keeps_the_chosen_heads_and_sets_the_folders_defaults(tmp_path):
+    """``heads-defaults`` rewrites a folder in place: only the chosen heads stay
+    (same values, same storage dtype), the threshold and full_head_check become
+    its defaults, the rest of its config is kept; a bad flag writes nothing."""
+    from vllm_adadecode.cli import main
+
+    h = _heads(layers=(1, 3, 5))
+    h.shortlist = torch.tensor([3, 7, 11])
+    h.metadata["training"] = {"tokens": 10}
+    h.save(tmp_path, dtype=torch.float16)
+    files = {p: p.read_bytes() for p in (tmp_path / WEIGHTS_FILE, tmp_path / "config.json")}
+    with pytest.raises(SystemExit, match=r"--exit-layers must be a non-empty subset of the "
+                                         r"folder's exit layers \[1, 3, 5\], got \[2\]"):
+        main(["heads-defaults", "--heads", str(tmp_path), "--exit-layers", "2"])
+    with pytest.raises(SystemExit, match=r"--threshold must be in \(0, 1\], got 1.5"):
+        main(["heads-defaults", "--heads", str(tmp_path), "--exit-layers", "3",
+              "--threshold", "1.5"])
+    assert all(p.read_bytes() == b for p, b in files.items())
+
+    main(["heads-defaults", "--heads", str(tmp_path), "--exit-layers", "3", "--threshold", "0.5",
+          "--full-head-check", "false"])
+    back = ExitHeads.load(tmp_path)
+    assert back.exit_layers == [3] and back.threshold == 0.5
+    assert back.transforms[3].dtype == torch.float16
+    assert torch.equal(back.transforms[3], h.transforms[3].half())
+    assert torch.equal(back.shortlist, h.shortlist)
+    assert back.metadata["full_head_check"] is False and back.metadata["training"] == {"tokens": 10}
+    assert back.metadata["defaults_command"].startswith("vllm-adadecode heads-defaults ")
+    assert (tmp_path / WEIGHTS_FILE).stat().st_size < len(files[tmp_path / WEIGHTS_FILE]) / 2
+
+
 def _design_heads(design, d=8, layers=(1, 3)):
     from vllm_adadecode.head_designs import DESIGNS
 

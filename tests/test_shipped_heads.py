@@ -13,8 +13,8 @@ from vllm_adadecode.heads import SHIPPED_DIR, ExitHeads, base_model_fingerprint
 # (folder, model fixture, hidden size, vocabulary, shortlist size, largest weights file)
 SHIPPED = [("SmolLM2-135M-Instruct", "smollm2", 576, 49152, 4096, 10 * 2**20),
            ("Qwen2.5-Coder-0.5B-Instruct", "qwen05b", 896, 151936, 1423, 10 * 2**20),
-           # three 1536 x 1536 heads, stored in fp16
-           ("Qwen2.5-Coder-1.5B-Instruct", "qwen15b", 1536, 151936, 4500, 15 * 2**20)]
+           # one 1536 x 1536 head (layer 3), stored in fp16
+           ("Qwen2.5-Coder-1.5B-Instruct", "qwen15b", 1536, 151936, 4500, 5 * 2**20)]
 WITH_CORPUS = [s for s in SHIPPED if (SHIPPED_DIR / s[0] / "corpus.safetensors").is_file()]
 
 
@@ -113,7 +113,11 @@ def test_the_15b_heads_borrow_the_05b_corpus():
     assert _borrowed_corpus(str(folder), heads.metadata["corpus_from"]) == str(
         (SHIPPED_DIR / "Qwen2.5-Coder-0.5B-Instruct").resolve())
     assert {t.dtype for t in heads.transforms.values()} == {torch.float16}
-    assert heads.exit_layers == [3, 5, 8]
+    # drafting at layer 3 only, on the shortlist's top-1 (heads-defaults; the
+    # training run's three heads: docs/performance/models.md)
+    assert heads.exit_layers == [3] and heads.threshold == 0.5
+    assert heads.metadata["full_head_check"] is False
+    assert set(heads.metadata["training"]["held_out_agreement"]) == {"3", "5", "8"}
 
 
 def test_the_15b_default_config_loads_the_05b_corpus(qwen15b, qwen05b):

@@ -257,6 +257,13 @@ def cmd_shortlist(args) -> int:
     return 0
 
 
+def cmd_heads_defaults(args) -> int:
+    from .training.pipeline import defaults_command
+
+    defaults_command(args)
+    return 0
+
+
 def cmd_compare_heads(args) -> int:
     from .training.compare import compare_command
 
@@ -424,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir", default=_default_work_dir(), help="cache of generated responses")
     s.add_argument("--log", help="append engine logs here")
     s.set_defaults(func=cmd_shortlist)
+
+    f = sub.add_parser("heads-defaults",
+                       help="set the engine defaults a heads folder carries (in place)")
+    f.add_argument("--heads", required=True, help="heads folder")
+    f.add_argument("--exit-layers", type=_int_list,
+                   help="keep only the heads at these layers (a subset of the folder's): "
+                        "the engine drafts there by default")
+    f.add_argument("--threshold", type=float, help="the folder's default exit threshold")
+    f.add_argument("--full-head-check", choices=("true", "false"),
+                   help="the folder's default full_head_check")
+    f.set_defaults(func=cmd_heads_defaults)
 
     c = sub.add_parser("corpus", help="add a draft corpus (the model's own responses to "
                                       "training prompts) to a heads folder")

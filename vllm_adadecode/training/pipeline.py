@@ -304,6 +304,33 @@ def _text_shortlist(args, heads: ExitHeads) -> dict:
             "eval_reply_coverage_before": cov_old}
 
 
+def defaults_command(args) -> dict:
+    """Set the engine defaults a heads folder carries, in place: the exit layers
+    the engine drafts at (the other layers' heads leave the folder), the exit
+    threshold, and ``full_head_check``. A user's own setting still wins. The
+    command is recorded in config.json (``defaults_command``)."""
+    heads = ExitHeads.load(args.heads)
+    dtype = _stored_dtype(heads)
+    if args.exit_layers is not None:
+        if not args.exit_layers or not set(args.exit_layers) <= set(heads.exit_layers):
+            raise SystemExit(f"{args.heads}: --exit-layers must be a non-empty subset of the "
+                             f"folder's exit layers {heads.exit_layers}, got {args.exit_layers}")
+        heads = heads.keep(args.exit_layers)
+    if args.threshold is not None:
+        if not 0 < args.threshold <= 1:
+            raise SystemExit(f"{args.heads}: --threshold must be in (0, 1], "
+                             f"got {args.threshold}")
+        heads.threshold = float(args.threshold)
+    if args.full_head_check is not None:
+        heads.metadata["full_head_check"] = args.full_head_check == "true"
+    heads.metadata["defaults_command"] = "vllm-adadecode " + " ".join(args.argv)
+    heads.save(args.heads, dtype=dtype)
+    out = {"exit_layers": heads.exit_layers, "threshold": heads.threshold,
+           "full_head_check": heads.metadata.get("full_head_check", True)}
+    print(f"[heads-defaults] {args.heads}: " + ", ".join(f"{k} {v}" for k, v in out.items()))
+    return out
+
+
 def _stored_dtype(heads: ExitHeads) -> torch.dtype:
     """The dtype a loaded heads folder stores its heads in (shipped heads: fp16);
     ``ExitHeads.load`` keeps it, so a rewrite keeps it too."""
