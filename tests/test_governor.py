@@ -247,3 +247,30 @@ def test_the_early_verdict_costs_nothing_where_drafting_loses_a_little():
     assert sum(d for _, d in early) <= sum(d for _, d in learned) + 0.03 * 100 * 1000
     assert sum(r for r, _ in early) >= 0.995 * sum(r for r, _ in learned)
     assert sum(r for r, _ in early) / 100 < 25.0  # drafting does lose here
+
+
+def test_plain_steps_that_follow_a_drafting_steps_outcome_do_not_bias_the_pairs():
+    """A request pauses its self-drafts for a step after a rejected draft (the
+    step is then plain). Drafting steps: accepted (3 tokens) or rejected (1
+    token) half the time each, 0.05 s; plain: 1 token, 0.04 s; drafting pays
+    (40 against 25 tokens/s). Pairing each plain step with the drafting step
+    before it would pair every pause with a rejected draft (0.8)."""
+    import random
+
+    rng = random.Random(0)
+    gov = Governor(explore_every=16)
+    t, emitted, paused, drafted_steps = 0.0, 0, False, 0
+    for _ in range(600):
+        allowed = gov.decide(t, emitted, 1)
+        drafts = allowed and not paused
+        gov.drafted(drafts)
+        paused = False
+        if drafts:
+            drafted_steps += 1
+            accepted = rng.random() < 0.5
+            paused = not accepted
+            t, emitted = t + 0.05, (3 if accepted else 1)
+        else:
+            t, emitted = t + 0.04, 1
+    assert 1.3 < gov.paired_ratio(1) < 1.9
+    assert drafted_steps > 600 * 0.55  # drafting on: about 2 steps in 3 (1 in 3 paused)

@@ -13,8 +13,8 @@ An observation spans one drafting call to the next: the drafting done in call
 t, then the engine step that verifies it; the tokens that step emitted arrive
 with call t+1. Pure Python, no vLLM: unit-tested on its own.
 
-Rates are compared in pairs: a step that drafted and an adjacent step that did
-not, at the same batch size, form one pair. Within a bucket the batch size
+Rates are compared in pairs: a plain step and the drafting step right after
+it, at the same batch size, form one pair. Within a bucket the batch size
 drifts (requests finish or arrive), and throughput moves with it; medians of
 unpaired rates taken at different moments can then favour whichever choice
 happened to be measured at the larger batch. Pairs cancel that. Until a
@@ -143,9 +143,16 @@ class Governor:
             return
         self.rates.setdefault((b, drafted), deque(maxlen=self.window)).append(tokens_emitted / dt)
         prev = self._prev
-        if prev is not None and prev[0] == size and prev[1] != drafted:
-            here = (tokens_emitted, dt)
-            pair = (*here, *prev[2:]) if drafted else (*prev[2:], *here)
+        # A pair is a plain step and the drafting step right after it. Not a
+        # drafting step and the plain step after it: which steps are plain
+        # can follow the drafting step's outcome (a request pauses its
+        # self-drafts after a rejected one; a lookup that diverged finds no
+        # match next), so that pairing picks the drafting steps that did
+        # worst (on Qwen2.5-Coder-1.5B it read 1.10 where every drafting step
+        # against every plain one read 1.40, and plain-then-drafting 1.29;
+        # docs/performance/models.md).
+        if prev is not None and prev[0] == size and not prev[1] and drafted:
+            pair = (tokens_emitted, dt, *prev[2:])
             self.pairs.setdefault(b, deque(maxlen=self.window)).append(pair)
             self._prev = None  # each step in one pair at most: pairs are independent
             return
