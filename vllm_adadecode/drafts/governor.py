@@ -146,7 +146,7 @@ class Governor:
         # A pair is a plain step and the drafting step right after it. Not a
         # drafting step and the plain step after it: which steps are plain
         # can follow the drafting step's outcome (a request pauses its
-        # self-drafts after a rejected one; a lookup that diverged finds no
+        # self-drafts after a rejected one; a lookup that diverged may find no
         # match next), so that pairing picks the drafting steps that did
         # worst (on Qwen2.5-Coder-1.5B it read 1.10 where every drafting step
         # against every plain one read 1.40, and plain-then-drafting 1.29;
