@@ -1,5 +1,7 @@
 """The back-off governor, driven by a simulated clock."""
 
+import pytest
+
 from vllm_adadecode.drafts.governor import Governor, lookup_like_run
 
 
@@ -207,6 +209,36 @@ def test_step_cost_fit_leaves_out_the_self_drafting_pass():
     backoff._observe_step(10.30, measured=True)
     (seconds, batch, rows, off), = cost.samples[cost.bucket(1)]
     assert abs(seconds - 0.24) < 1e-9 and (batch, rows, off) == (1, 3, 1)
+
+
+def test_batch_1_steps_are_timed_by_their_self_draft_class():
+    """The back-off times each measured batch-1 step whole (its drafting pass
+    included) under the class the drafter gave it: a plain step, or an
+    attempt after k rejected ones. Steps with lookup drafts, steps of larger
+    batches and steps that ran a prefill are not counted."""
+    from vllm_adadecode.drafts.adapt import SelfAttemptRates, StepCost
+    from vllm_adadecode.drafts.backoff import BackOff
+
+    backoff = BackOff(adaptive=True, lookup=False, self_draft=True,
+                      disable_by_batch_size=None, cost=StepCost())
+    t = 10.0
+    backoff._call, backoff._step_start = 1, t  # calls between two refits
+
+    def step(cls, seconds, tokens, measured=True, n_active=1):
+        nonlocal t
+        backoff.drafted(n_active, 0 if cls == SelfAttemptRates.PLAIN else 2, cls is not None,
+                        0, 0.05, step_class=cls)
+        t += seconds
+        backoff._observe_step(t, measured, tokens)
+
+    step(SelfAttemptRates.PLAIN, 0.27, 1)
+    step(1, 0.36, 3)
+    step(1, 0.36, 2, measured=False)  # a prefill ran in it
+    step(None, 0.40, 5, n_active=2)  # a larger batch, or lookup drafts
+    sums = backoff.self_rates.sums
+    assert set(sums) == {SelfAttemptRates.PLAIN, 1}
+    assert sums[1] == [1.0, 3.0, pytest.approx(0.36)]
+    assert sums[SelfAttemptRates.PLAIN] == [1.0, 1.0, pytest.approx(0.27)]
 
 
 def test_a_clear_verdict_ends_learning_early_and_rechecks_stay_frequent():

@@ -160,14 +160,15 @@ class ExitHeads:
             {x: torch.eye(hidden_size) for x in exit_layers}, hidden_size=hidden_size, **kw
         )
 
-    def keep(self, exit_layers) -> "ExitHeads":
+    def keep(self, exit_layers, *, name: str = "exit_layers") -> "ExitHeads":
         """These heads with only those at ``exit_layers`` (a non-empty subset
         of theirs): a folder rewritten with them makes the engine draft at
-        those layers by default. Threshold, shortlist and metadata are kept."""
+        those layers by default. Threshold, shortlist and metadata are kept.
+        A bad subset's error names ``name`` (the setting or flag that gave it)."""
         layers = sorted({int(x) for x in exit_layers})
         if not layers or not set(layers) <= set(self.transforms):
             raise AdaDecodeConfigError(
-                f"exit_layers must be a non-empty subset of the heads' exit layers "
+                f"{name} must be a non-empty subset of the folder's exit layers "
                 f"{self.exit_layers}, got {list(exit_layers)}")
         return ExitHeads({x: self.transforms[x] for x in layers},
                          hidden_size=self.hidden_size, threshold=self.threshold,

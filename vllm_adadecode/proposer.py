@@ -67,7 +67,7 @@ class AdaDecodeProposer(RunnerDrafter):
         self.backoff = BackOff(adaptive=config.adaptive, lookup=config.lookup,
                                self_draft=config.self_draft,
                                disable_by_batch_size=config.disable_by_batch_size,
-                               cost=self.adapt.cost)
+                               cost=self.adapt.cost, self_rates=self.adapt.self_rates)
         # Draft sources, tried in order until one proposes.
         self.lookup = self.cache = self.corpus = None
         if config.lookup:
@@ -182,9 +182,14 @@ class AdaDecodeProposer(RunnerDrafter):
         if self.trees is not None:
             for d in requests:
                 self._grow_tree(batch, d)
+        # A batch-1 step counts for the self-draft pause rule if its drafts, if
+        # any, are all self-drafts.
+        step_class = (self.adapt.step_class()
+                      if not any(d.n_lookup or d.tree for d in requests) else None)
         self.backoff.drafted(n_active, sum(d.tree.size if d.tree else len(d.drafted)
                                            for d in requests), bool(drafting),
-                             sum(d.tree.off_chain for d in requests if d.tree), self_seconds)
+                             sum(d.tree.off_chain for d in requests if d.tree), self_seconds,
+                             step_class)
         if self._step_log is not None:
             self._log_step(n_active, batch.num_reqs, sampled_token_ids, requests, joined)
         for d in requests:
@@ -458,10 +463,16 @@ class AdaDecodeProposer(RunnerDrafter):
             "corpus": ({"tokens": self.corpus.num_tokens, "contexts": len(self.corpus)}
                        if self.corpus else None),
             "step_cost": self.adapt.cost.summary(),
+            # self-draft pauses (drafts/adapt.py): request-steps a pause
+            # skipped, pauses lifted because attempts pay, and the batch-1
+            # rates that decide
+            "self_pauses": {**self.adapt.self_pauses,
+                            "rates": self.adapt.self_rates.summary()},
             **self.backoff.summary(),
         }
         if reset:
             self.counters.reset()
+            self.adapt.self_pauses.clear()
             self.backoff.clear()
         return out
 

@@ -375,6 +375,8 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
             if m.kind == "adadecode" else None,
             "backoff_self_draft": [(by[m.label].get("drafter") or {}).get("backoff_self_draft")
                                    for by in runs] if m.kind == "adadecode" else None,
+            "self_pauses": [(by[m.label].get("drafter") or {}).get("self_pauses")
+                            for by in runs] if m.kind == "adadecode" else None,
             "categories": {c: _category(runs, m, prompts, c, plain) for c in cats},
         })
     return out
@@ -574,10 +576,21 @@ def format_table(doc: dict) -> str:
                 last = (r.get("step_cost") or [None])[-1] or {}
                 fits = [f"{bkt}: {f['step_ms']:.1f} + {f['row_ms']:.2f}/row + "
                         f"{f.get('off_row_ms', 0.0):.2f}/off-chain row" + _offsets(f)
+                        + (f", self-draft attempt {f['self_attempt_ms']:.1f}"
+                           if f.get("self_attempt_ms") else "")
                         for bkt, f in sorted(last.items())]
                 if fits:
                     lines.append(f"  {r['method']} step cost fit (last repeat, ms, by batch "
                                  f"size): {'; '.join(fits)}")
+            pauses = [p for p in r.get("self_pauses") or [] if p]
+            if pauses:
+                rates = "; ".join(f"{cls} {v['tok_per_s']} ({v['steps']:.0f} steps)"
+                                  for cls, v in (pauses[-1].get("rates") or {}).items())
+                lines.append(f"  {r['method']} self-draft pauses (per repeat): request-steps "
+                             f"paused {[p.get('paused', 0) for p in pauses]}, pauses lifted "
+                             f"because attempts pay {[p.get('lifted', 0) for p in pauses]}; "
+                             f"batch-1 tokens/s by rejected attempts before (last repeat, "
+                             f"decayed): {rates or '-'}")
             st = r.get("step_ms")
             if st:
                 lines.append(f"  {r['method']} ms per step: drafting {st['drafting']:.2f}, "

@@ -22,7 +22,13 @@ a step whose self-drafts were all rejected, the request skips self-drafting for
 a number of steps that doubles with each further failure (up to
 ``max_self_skip``); an accepted self-draft resets it. An attempt with no
 confident exit drafts nothing and is not a failure: the layers it ran are
-resumed by verification, not run again.
+resumed by verification, not run again. A pause holds only where it pays
+(``SelfAttemptRates``): at batch 1 the engine measures the tokens per second
+of plain steps and of steps that attempted self-drafts after 1, 2, and 3 or
+more rejected attempts in a row, and a paused request attempts anyway where
+its class's steps are the faster. Where a head's rejected drafts are often
+followed by accepted ones, a pause would give those tokens away; where more
+rejections follow, it saves the attempts (docs/performance/models.md).
 
 With ``fixed`` (the engine's ``"adaptive": false``) every request drafts the
 most it can on every step. The engine-level back-off (governor.py) decides, per batch size, whether
@@ -31,7 +37,7 @@ drafting pays at all; this module decides how much each request drafts.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .governor import bucket, bucket_name
@@ -186,6 +192,69 @@ class StepCost:
 _FALLBACK_COST = StepCost()  # never fitted: the batch-1 ratios
 
 
+class SelfAttemptRates:
+    """Tokens per second of batch-1 steps by what their request did: a plain
+    step (``PLAIN``: no drafts, no self-draft attempt: a pause, or the
+    back-off's plain step) or a step whose only drafts came from a self-draft
+    attempt made after ``k`` rejected attempts in a row (class ``k``; 3 stands
+    for 3 or more), as decaying sums of steps, tokens and seconds (a step's
+    seconds include its drafting pass). At batch 1 a step is one request's, so
+    what an attempt costs and yields is measured whole, with no model of the
+    drafting pass or the rows: a self-drafted row can cost less to verify than
+    a lookup row (the drafter ran its first layers), and the pass grows with
+    every token drafted.
+
+    A class pays where its steps' tokens per second beat the plain steps' by
+    ``margin``, both with at least ``min_steps`` steps. Verdicts change only in
+    ``refit``, so tensor-parallel ranks can share rank 0's."""
+
+    PLAIN = -1
+    CLASSES = 3
+
+    def __init__(self, decay: float = 0.95, min_steps: float = 4.0, margin: float = 0.02):
+        self.decay = decay
+        self.min_steps = min_steps
+        self.margin = margin
+        self.sums: dict[int, list[float]] = {}  # class -> [steps, tokens, seconds]
+        self.verdicts = [False] * self.CLASSES  # classes 1..CLASSES
+
+    def observe(self, cls: int, tokens: int, seconds: float) -> None:
+        """A measured batch-1 step of class ``cls`` (``PLAIN``, or 0..CLASSES)."""
+        if seconds <= 0 or tokens <= 0:
+            return
+        s = self.sums.setdefault(cls, [0.0, 0.0, 0.0])
+        for i, v in enumerate((1.0, float(tokens), seconds)):
+            s[i] = s[i] * self.decay + v
+
+    def rate(self, cls: int) -> float | None:
+        """Tokens per second of the class's steps, or None: too few steps."""
+        s = self.sums.get(cls)
+        return s[1] / s[2] if s and s[0] >= self.min_steps and s[2] > 0 else None
+
+    def refit(self) -> list[float]:
+        """Per class 1..CLASSES, 1.0 where its attempts pay, else 0.0."""
+        plain = self.rate(self.PLAIN)
+        out = []
+        for cls in range(1, self.CLASSES + 1):
+            rate = self.rate(cls)
+            out.append(float(plain is not None and rate is not None
+                             and rate > plain * (1.0 + self.margin)))
+        return out
+
+    def set_verdicts(self, flags: list[float]) -> None:
+        self.verdicts = [f > 0.5 for f in flags[:self.CLASSES]]
+
+    def pays(self, failures: int) -> bool:
+        """Whether an attempt after ``failures`` (>= 1) rejected ones in a row pays."""
+        return failures >= 1 and self.verdicts[min(failures, self.CLASSES) - 1]
+
+    def summary(self) -> dict[str, dict]:
+        """Per class seen ("plain", "0" .. "3"): decayed steps and tokens per second."""
+        return {("plain" if cls == self.PLAIN else str(cls)):
+                {"steps": round(s[0], 1), "tok_per_s": round(s[1] / s[2], 3) if s[2] else None}
+                for cls, s in sorted(self.sums.items())}
+
+
 def lookup_gain(p: float, k: int) -> float:
     """Expected accepted tokens of k lookup drafts: p + p^2 + ... + p^k."""
     gain, term = 0.0, 1.0
@@ -272,6 +341,10 @@ class DraftAdaptation:
         self.prior = prior
         self.requests: dict[str, RequestDrafting] = {}
         self.cost = StepCost()
+        self.self_rates = SelfAttemptRates()
+        # Request-steps a pause skipped, and pauses lifted because attempts pay.
+        self.self_pauses: Counter = Counter()
+        self._self_class: int | None = None  # this step's, at batch 1 (None: several)
         # Token trees: tokens gained per node off the main chain (siblings:
         # dearer rows), engine-wide (decaying sums; nodes that lengthen the
         # main chain are judged by the request's lookup acceptance); and per
@@ -295,6 +368,13 @@ class DraftAdaptation:
         """A new step with ``batch_size`` requests, none drafted yet."""
         self._batch, self._extra, self._off = max(1, batch_size), 0, 0
         self._tokens = float(self._batch)
+        self._self_class = SelfAttemptRates.PLAIN if self._batch == 1 else None
+
+    def step_class(self) -> int | None:
+        """This step's class for ``SelfAttemptRates`` (batch 1): ``PLAIN`` if
+        its request made no self-draft attempt, else the rejected attempts in
+        a row before it (at most ``CLASSES``); None in a larger batch."""
+        return self._self_class
 
     def state(self, req_id: str) -> RequestDrafting:
         st = self.requests.get(req_id)
@@ -475,12 +555,22 @@ class DraftAdaptation:
         self.engine.setdefault(kind, Acceptance(decay=0.995)).update(proposed, accepted)
 
     def may_self_draft(self, req_id: str) -> bool:
+        """Whether the request attempts self-drafts in this step: yes unless
+        it is in a pause after rejected ones, and, at batch 1, unless attempts
+        after as many rejections are measured to pay (``SelfAttemptRates``)."""
         if self.fixed:
             return True
         st = self.state(req_id)
         if st.self_skip > 0:
-            st.self_skip -= 1
-            return False
+            if self._batch == 1 and self.self_rates.pays(st.self_failures):
+                st.self_skip = 0
+                self.self_pauses["lifted"] += 1
+            else:
+                st.self_skip -= 1
+                self.self_pauses["paused"] += 1
+                return False
+        if self._self_class is not None:
+            self._self_class = min(st.self_failures, SelfAttemptRates.CLASSES)
         return True
 
     def self_verified(self, req_id: str, accepted: int, drafted: int) -> None:

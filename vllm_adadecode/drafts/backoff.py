@@ -31,7 +31,7 @@ import time
 from typing import NamedTuple
 
 from ..engine.runner import tp_agree, tp_broadcast
-from .adapt import StepCost
+from .adapt import SelfAttemptRates, StepCost
 from .governor import Governor
 
 # Drafter calls between refits of the step-cost model (shared across tensor-parallel ranks).
@@ -48,18 +48,22 @@ NO_DRAFTS = Gate(False, False)
 
 class BackOff:
     def __init__(self, *, adaptive: bool, lookup: bool, self_draft: bool,
-                 disable_by_batch_size: int | None, cost: StepCost):
+                 disable_by_batch_size: int | None, cost: StepCost,
+                 self_rates: SelfAttemptRates | None = None):
         self.self_draft = self_draft
         self.cap = disable_by_batch_size
         self.cost = cost
+        self.self_rates = self_rates or SelfAttemptRates()
         self.governor = Governor() if adaptive else None
         self.self_governor = (Governor(unmeasured=False, learn=False)
                               if adaptive and lookup and self_draft else None)
         self.calls = self._call = 0
         # The last step's start (the drafter's call), its requests and the
-        # draft rows it scheduled beside them (for the step-cost fit).
+        # draft rows it scheduled beside them (for the step-cost fit), and its
+        # class for the self-draft pause rule (batch 1; None: not one).
         self._step_start: float | None = None
         self._step_shape: tuple[int, int, int, float] | None = None
+        self._step_class: int | None = None
 
     def gate(self, num_reqs: int, sampled_token_ids: list[list[int]], joined: bool) -> Gate:
         """This step's decision. ``num_reqs`` counts every request in the batch,
@@ -79,8 +83,9 @@ class BackOff:
         # prefilling) is not a measure of drafting: at batch 1 a long prompt's
         # prefill would count as one slow step.
         measured = not joined and n_active == num_reqs
-        self._observe_step(now, measured)
+        self._observe_step(now, measured, emitted)
         self._step_shape = (n_active, 0, 0, 0.0)  # until drafts are proposed
+        self._step_class = SelfAttemptRates.PLAIN if n_active == 1 else None
         if capped:
             # Too many requests to draft for: a plain step, outside the back-off's pairs.
             self._idle(self.governor, self.self_governor)
@@ -94,15 +99,19 @@ class BackOff:
         return Gate(True, go_self)
 
     def drafted(self, n_active: int, draft_rows: int, self_drafted: bool,
-                off_rows: int = 0, self_seconds: float = 0.0) -> None:
+                off_rows: int = 0, self_seconds: float = 0.0,
+                step_class: int | None = None) -> None:
         """Label the step by what it did: drafts proposed (``off_rows`` of the
         rows off a token tree's main chain), self-drafts attempted (taking
-        ``self_seconds``)."""
+        ``self_seconds``); ``step_class``: its class for the self-draft pause
+        rule (``SelfAttemptRates``; None: not a batch-1 step whose drafts, if
+        any, are all self-drafts)."""
         if self.governor is not None:
             self.governor.drafted(draft_rows > 0 or self_drafted)
             if self.self_governor is not None:
                 self.self_governor.drafted(self_drafted)
         self._step_shape = (n_active, draft_rows, off_rows, self_seconds)
+        self._step_class = step_class
 
     @staticmethod
     def _idle(*governors) -> None:
@@ -110,20 +119,26 @@ class BackOff:
             if g is not None:
                 g.idle()
 
-    def _observe_step(self, now: float, measured: bool) -> None:
-        """The step since the last call, for the step-cost fit (adapt.py).
-        Every ``COST_SYNC_EVERY`` calls the fit is redone, on rank 0's steps
-        for every tensor-parallel rank (lookup lengths follow from it, and all
-        ranks must propose the same drafts)."""
+    def _observe_step(self, now: float, measured: bool, emitted: int = 0) -> None:
+        """The step since the last call (``emitted`` tokens), for the
+        step-cost fit and the self-draft pause rule (adapt.py). Every
+        ``COST_SYNC_EVERY`` calls both are redone, on rank 0's steps for every
+        tensor-parallel rank (lookup lengths and self-draft attempts follow
+        from them, and all ranks must propose the same drafts)."""
         last, self._step_start = self._step_start, now
         shape, self._step_shape = self._step_shape, None
+        cls, self._step_class = self._step_class, None
         if measured and last is not None and shape is not None and now - last < 5.0:
             n_active, rows, off, self_seconds = shape
             self.cost.observe(now - last - self_seconds, n_active, rows, off)
+            if cls is not None:
+                self.self_rates.observe(cls, emitted, now - last)
         if self._call % COST_SYNC_EVERY == 0:
             buckets = range(1, 12)
-            flat = tp_broadcast(self.cost.as_floats(self.cost.refit(), buckets))
-            self.cost.set_fits(self.cost.from_floats(flat, buckets))
+            fits = self.cost.as_floats(self.cost.refit(), buckets)
+            flat = tp_broadcast(fits + self.self_rates.refit())
+            self.cost.set_fits(self.cost.from_floats(flat[:len(fits)], buckets))
+            self.self_rates.set_verdicts(flat[len(fits):])
 
     def summary(self) -> dict:
         return {"backoff": self.governor.summary() if self.governor else None,

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import AdaDecodeConfigError
 from ..head_designs import DESIGNS, MAX_STALENESS
 from ..heads import ExitHeads, base_model_fingerprint
+from ..settings import BY_KEY
 from . import data as D
 from .evaluate import evaluate, exit_stats, write
 from .select import CostModel, choose, cost_model_for, simulate
@@ -312,15 +314,17 @@ def defaults_command(args) -> dict:
     heads = ExitHeads.load(args.heads)
     dtype = _stored_dtype(heads)
     if args.exit_layers is not None:
-        if not args.exit_layers or not set(args.exit_layers) <= set(heads.exit_layers):
-            raise SystemExit(f"{args.heads}: --exit-layers must be a non-empty subset of the "
-                             f"folder's exit layers {heads.exit_layers}, got {args.exit_layers}")
-        heads = heads.keep(args.exit_layers)
+        try:
+            heads = heads.keep(args.exit_layers, name="--exit-layers")
+        except AdaDecodeConfigError as e:
+            raise SystemExit(f"{args.heads}: {e}") from None
     if args.threshold is not None:
-        if not 0 < args.threshold <= 1:
-            raise SystemExit(f"{args.heads}: --threshold must be in (0, 1], "
-                             f"got {args.threshold}")
-        heads.threshold = float(args.threshold)
+        threshold = BY_KEY["threshold"]  # the engine setting's own check
+        try:
+            heads.threshold = threshold.validate(args.threshold)
+        except AdaDecodeConfigError:
+            raise SystemExit(f"{args.heads}: --threshold must be in {threshold.allowed()}, "
+                             f"got {args.threshold}") from None
     if args.full_head_check is not None:
         heads.metadata["full_head_check"] = args.full_head_check == "true"
     heads.metadata["defaults_command"] = "vllm-adadecode " + " ".join(args.argv)
