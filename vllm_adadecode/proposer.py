@@ -34,7 +34,7 @@ from .drafts.corpus import DraftCorpus, load_corpus_tokens
 from .drafts.early_exit import EarlyExitDrafter
 from .drafts.lookup import SequenceLookup
 from .drafts.tree import build_tree
-from .engine import install, sampler
+from .engine import gemm, install, sampler
 from .engine.drafter import RunnerDrafter
 from .engine.model import ModelAdapter
 from .engine.runner import RunnerBatch, compile_layers_enabled, dynamo_graphs
@@ -86,6 +86,10 @@ class AdaDecodeProposer(RunnerDrafter):
         self.early_exit: EarlyExitDrafter | None = None  # built in load_model
         self.verification: DeferredVerification | None = None
         self.segments: LayerSegments | None = None
+        # engine/gemm.py, set in load_model: row counts padded, and the measured
+        # ms of one decoder layer's matmuls at 1, 2, ... rows
+        self.gemm_padding: dict[int, int] | None = None
+        self.gemm_row_ms: list[float] | None = None
         self._graphs_at_start: int | None = None
         # Drafts proposed in the previous step, per request; the next step's
         # sampled tokens tell how many of them were accepted.
@@ -109,6 +113,9 @@ class AdaDecodeProposer(RunnerDrafter):
     def load_model(self, target_model) -> None:
         model = ModelAdapter(target_model)
         config = self.config
+        if config.gemm_padding:
+            self.gemm_padding, self.gemm_row_ms = gemm.install(target_model,
+                                                               rows=config.gemm_pad_rows)
         if self.trees is not None:
             from .engine.tree import check_model
 
@@ -448,6 +455,11 @@ class AdaDecodeProposer(RunnerDrafter):
         out = {
             **self.counters.as_dict(),
             "num_layers": self.num_layers,
+            # matmul row counts padded ({rows: padded rows}); None: padding off
+            # or the model's matmuls are not oneDNN's
+            "gemm_padding": ({str(k): v for k, v in self.gemm_padding.items()}
+                             if self.gemm_padding is not None else None),
+            "gemm_row_ms": self.gemm_row_ms,
             "compiled_segments": seg.num_compiled if seg is not None else 0,
             # of those, graphs loaded from artifacts saved by an earlier start,
             # and graphs compiled ahead of time and saved by this one

@@ -110,6 +110,14 @@ SETTINGS: tuple[Setting, ...] = (
             "deferred-layer verification: a draft's verification runs only the layers after "
             "its drafted depth, and a last draft attempt with no confident exit is resumed, "
             "not rerun (exact; docs/performance/deferred-verification.md)"),
+    Setting("gemm_padding", "bool", True,
+            "run the model's small CPU matmuls on the row count this machine runs fastest, "
+            "measured at engine start (oneDNN is slower at 1-2 rows than at 4-6 on some "
+            "CPUs); exact: rows never mix (docs/performance/gemm-padding.md)"),
+    Setting("gemm_pad_rows", "int", None,
+            "with `gemm_padding`: run every matmul of fewer rows on this many rows, instead "
+            "of the padding measured at engine start", nullable=True,
+            default_text="`null` (measured)"),
     Setting("shortlist", "bool", True,
             "screen exit checks on the heads folder's vocabulary shortlist (when it has one) "
             "and run the full LM head only for rows that pass; no exit on a shortlisted "

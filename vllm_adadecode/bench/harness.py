@@ -377,6 +377,9 @@ def summarise(dataset: str, concurrency: int, prompts: list, methods: list[Metho
                                    for by in runs] if m.kind == "adadecode" else None,
             "self_pauses": [(by[m.label].get("drafter") or {}).get("self_pauses")
                             for by in runs] if m.kind == "adadecode" else None,
+            # matmul row counts padded (engine/gemm.py), last repeat's engine
+            "gemm_padding": ((runs[-1][m.label].get("drafter") or {}).get("gemm_padding")
+                             if m.kind == "adadecode" else None),
             "categories": {c: _category(runs, m, prompts, c, plain) for c in cats},
         })
     return out
@@ -591,6 +594,9 @@ def format_table(doc: dict) -> str:
                              f"because attempts pay {[p.get('lifted', 0) for p in pauses]}; "
                              f"batch-1 tokens/s by rejected attempts before (last repeat, "
                              f"decayed): {rates or '-'}")
+            if r.get("gemm_padding"):
+                lines.append(f"  {r['method']} matmul rows padded (rows: padded rows): "
+                             + ", ".join(f"{k}: {v}" for k, v in r["gemm_padding"].items()))
             st = r.get("step_ms")
             if st:
                 lines.append(f"  {r['method']} ms per step: drafting {st['drafting']:.2f}, "
