@@ -8,8 +8,10 @@ rest of each layer.
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python scripts/probes/gemm_rows.py \\
         --model Qwen2.5-Coder-1.5B-Instruct
 
-Prints the padding plan, then per round the ms of layers 4 to the last at
-1-8 rows, unpadded and padded. A probe: it reaches into the engine's model.
+Prints the engine-start measurement (one decoder layer's matmuls at 1-16
+rows, ms) and the padding it plans, ``--calibrations`` times; then per round
+the ms of layers 4 to the last at 1-8 rows, unpadded and padded with the last
+plan. A probe: it reaches into the engine's model.
 """
 
 import argparse
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-rows", type=int, default=8)
+    ap.add_argument("--calibrations", type=int, default=3)
     args = ap.parse_args()
 
     from vllm import LLM
@@ -39,7 +42,17 @@ def main() -> None:
     model, cfg = runner.model, runner.vllm_config
     layers = model.model.layers[4:]
     hidden = model.config.hidden_size
-    print("padding plan:", gemm.install(model))
+    sample = [m for n, m in model.named_modules()
+              if ".layers.0." in n and gemm._onednn_handler(m) is not None]
+    handlers = [gemm._onednn_handler(m) for m in sample]
+    with torch.inference_mode():
+        for _ in range(args.calibrations):  # what install measures, and its plan
+            costs = [0.0] + [gemm._time_rows(handlers, r, 5)
+                             for r in range(1, gemm.MAX_ROWS + 1)]
+            print("matmul ms at 1-16 rows:", " ".join(f"{c * 1e3:.2f}" for c in costs[1:]))
+            print("  padding planned from these alone:", {m: r for m, r in enumerate(gemm.plan(costs)) if r != m})
+    padded, _ = gemm.install(model)
+    print("padding installed:", padded)
     plan, plain = gemm._PAD_TO, list(range(gemm.MAX_ROWS + 1))
 
     def run(rows: int) -> float:

@@ -11,8 +11,10 @@ one per draft attempt.
 ``install`` measures, at engine start, a decoder layer's matmuls at 1 to
 ``MAX_ROWS`` rows on this machine, and from then on runs every oneDNN matmul of
 the model with ``m`` rows on ``pad_to[m]`` rows (zeros appended, the extra rows
-of the result dropped) wherever that measured faster. Rows never mix in a
-matmul, so the kept rows are exactly the unpadded result.
+of the result dropped) wherever that measured faster, the padding's own
+overhead included. Where nothing pays (small models, whose matmuls sit in
+cache) vLLM's matmuls are left as they are. Rows never mix in a matmul: a row's
+result depends on that row alone.
 
 The padded matmul is one custom op (``adadecode::padded_onednn_mm``), so a
 torch.compile'd model calls it like vLLM's own op and the row count is read
@@ -116,31 +118,75 @@ def plan(costs: list[float]) -> list[int]:
     return pad_to
 
 
+def _time_padded(handlers, rows: int, pad_to: list[int], repeats: int) -> float:
+    """Best of ``repeats``: seconds for one pass of ``handlers`` at ``rows`` rows
+    through the padded op (appending the zeros, dropping their rows) with
+    ``pad_to`` as its plan."""
+    global _PAD_TO
+    saved, _PAD_TO = _PAD_TO, pad_to
+    op = torch.ops.adadecode.padded_onednn_mm
+    try:
+        xs = [torch.randn(rows, h.k) for h in handlers]
+        best = float("inf")
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for h, x in zip(handlers, xs):
+                op(x, h.handler_tensor, None, h.n)
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        _PAD_TO = saved
+
+
+def _confirmed(handlers, candidate: list[int], repeats: int) -> list[int]:
+    """The candidate plan's paddings that still save ``_GAIN`` when timed as
+    they run (through the op, zeros appended and dropped), each against the
+    same op unpadded, in alternation."""
+    plain = list(range(len(candidate)))
+    pad_to = list(plain)
+    for m, rows in enumerate(candidate):
+        if rows == m:
+            continue
+        trial = list(plain)
+        trial[m] = rows
+        padded = unpadded = float("inf")
+        for _ in range(2):
+            unpadded = min(unpadded, _time_padded(handlers, m, plain, repeats))
+            padded = min(padded, _time_padded(handlers, m, trial, repeats))
+        if padded <= _GAIN * unpadded:
+            pad_to[m] = rows
+    return pad_to
+
+
 def install(model, rows: int | None = None, repeats: int = 5):
     """Install row padding on every oneDNN linear layer of ``model``: with
     ``rows``, every matmul of fewer rows runs on ``rows`` rows; without, the
-    padding this machine measures fastest (``plan``). Returns the row counts
-    padded ({m: rows}) and the measured ms of one decoder layer's matmuls at
-    1..MAX_ROWS rows (None with ``rows``); (None, None) where the model's linear
-    layers do not run on oneDNN (nothing installed)."""
+    padding this machine measures fastest (``plan``, each padding then
+    confirmed as it runs, overhead included). Returns the row counts padded
+    ({m: rows}; empty: nothing pays, vLLM's matmuls left as they are) and the
+    measured ms of one decoder layer's matmuls at 1..MAX_ROWS rows (None with
+    ``rows``); (None, None) where the model's linear layers do not run on
+    oneDNN."""
     global _PAD_TO
     layers = [(name, m) for name, m in model.named_modules() if _onednn_handler(m) is not None]
     if not layers:
         return None, None
     _register()
+    costs = None
     if rows is not None:
-        _PAD_TO = [max(m, rows) if m else 0 for m in range(MAX_ROWS + 1)]
-        costs = None
+        pad_to = [max(m, rows) if m else 0 for m in range(MAX_ROWS + 1)]
     else:
         # One decoder layer's matmuls (or, without decoder layers, every one).
         sample = [m for name, m in layers if ".layers.0." in name] or [m for _, m in layers]
         handlers = [_onednn_handler(m) for m in sample]
         with torch.inference_mode():
             costs = [0.0] + [_time_rows(handlers, r, repeats) for r in range(1, MAX_ROWS + 1)]
-        _PAD_TO = plan(costs)
-    for _, m in layers:
-        m.cpu_linear = _padded(_onednn_handler(m))
-    padded = {m: r for m, r in enumerate(_PAD_TO) if r != m}
+            pad_to = _confirmed(handlers, plan(costs), repeats)
+    padded = {m: r for m, r in enumerate(pad_to) if r != m}
+    if padded:
+        _PAD_TO = pad_to
+        for _, m in layers:
+            m.cpu_linear = _padded(_onednn_handler(m))
     ms = None if costs is None else [round(c * 1e3, 3) for c in costs[1:]]
     logger.info("AdaDecode: matmul rows padded %s (one decoder layer's matmuls, ms at 1.. "
                 "rows: %s)", padded or "nowhere", ms)
