@@ -179,7 +179,8 @@ def test_adadecode_resolves_into_vllm_config(tiny_llama):
     assert cfg.speculative_config.method == "custom_class"
     assert cfg.additional_config["adadecode"] == {
         "exit_layers": [1, 3], "threshold": 0.5, "num_speculative_tokens": 4, "heads": None,
-        "adaptive": True, "deferred": True, "shortlist": True, "full_head_check": True,
+        "adaptive": True, "deferred": True, "gemm_padding": True, "gemm_pad_rows": None,
+        "shortlist": True, "full_head_check": True,
         "lookup": True, "lookup_min_match": 2, "lookup_max_match": 5,
         "lookup_max_tokens": None, "lookup_cache": True, "lookup_cache_tokens": 16384,
         "lookup_corpus": True, "corpus": None, "corpus_min_prob": 0.4, "self_draft": True,

@@ -2,9 +2,9 @@
 
 vLLM runs a CPU model's linear layers through oneDNN with prepacked weights
 (``dispatch_cpu_unquantized_gemm``). At a handful of rows that matmul's time
-is not monotone in the row count: on the machines this project measures, a
-Qwen2.5-Coder-1.5B decoder layer ran 1 and 2 rows 25-35% slower than 4-6 rows
-(docs/performance/gemm-padding.md). Decoding at batch 1 and speculative
+is not monotone in the row count: on the machines this project measures, 24
+Qwen2.5-Coder-1.5B decoder layers took 1.3x as long at 1 row, and 1.6x at 2
+rows, as at 4-6 rows (docs/performance/gemm-padding.md). Decoding at batch 1 and speculative
 steps live exactly there: one row per plain step, a few per verification,
 one per draft attempt.
 
@@ -87,7 +87,6 @@ def _padded(handler):
         lead = x.shape[:-1]
         return op(x.reshape(-1, k), tensor, bias, n).reshape(*lead, n)
 
-    cpu_linear._adadecode_padded = True
     # The handler frees its oneDNN primitive when collected: keep it alive.
     cpu_linear._adadecode_handler = handler
     return cpu_linear
